@@ -59,13 +59,15 @@ def _add_make_tiny_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny-tokenizer", help="learn the tiny BPE tokenizer from a CogAgent dataset")
     p.add_argument("data_dir", type=Path, help="dataset folder holding train.jsonl")
     p.add_argument("out_file", type=Path, help="where to write tokenizer.model")
+    p.add_argument("--n-ranks", type=int, default=None, help="BPE ranks to learn (256 bytes + merges; default: the course's)")
     p.set_defaults(handler=_run_make_tiny_tokenizer)
 
 
 def _run_make_tiny_tokenizer(args: argparse.Namespace) -> int:
     from cogagent_nb.bpe_training import make_tiny_tokenizer
 
-    print(make_tiny_tokenizer(args.data_dir, args.out_file))
+    kwargs = {} if args.n_ranks is None else {"n_ranks": args.n_ranks}
+    print(make_tiny_tokenizer(args.data_dir, args.out_file, **kwargs))
     return 0
 
 
