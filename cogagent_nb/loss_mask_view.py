@@ -1,0 +1,244 @@
+"""The loss mask made visible: which tokens the model is trained to predict, and how many there are.
+
+A loss mask is easy to get wrong silently (the official CogAgent finetune never supervises its end
+token, §6 of the spec), and the error only shows up as a model that never stops. These functions draw
+an `EncodedSample` (from `cogagent_nb.encoding`) for humans:
+
+- `mask_counts`: prompt / supervised / image token counts, at the length the model really sees;
+- `render_html`: every token as a coloured span (special tokens shown by name, "\\n" as ↵), the image
+  collapsed into one block labelled with its real size, e.g. "image ×1602 (1 boi + 1600 patches + 1 eoi)";
+- `plot_loss_mask`: one bar per sample over model positions, the image at its true width;
+- `plot_token_cells`: the last tokens of samples as labelled cells, to compare masks token by token;
+- `counts_table_html`: a small table of counts for several samples;
+- `mask_browser`: an ipywidgets slider that steps through samples (works headless: the HTML is
+  computed in Python, no browser round trip is needed).
+
+All are pure: they return strings, figures or widgets and print nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+from collections.abc import Callable, Mapping, Sequence
+
+from cogagent_nb.encoding import EncodedSample
+
+CATEGORIES = ("prompt", "supervised", "image")
+COLOURS = {"prompt": "#d9d9d9", "supervised": "#f4a259", "image": "#6fa8dc"}
+
+_CSS = """
+<style>
+.lmv { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; line-height: 1.9; }
+.lmv .tok { white-space: pre-wrap; border-radius: 3px; padding: 1px 1px; margin: 0 1px 0 0;
+            border: 1px solid rgba(0,0,0,.12); }
+.lmv .prompt { background: #d9d9d9; color: #333; }
+.lmv .supervised { background: #f4a259; color: #000; }
+.lmv .image { background: #6fa8dc; color: #000; padding: 1px 6px; font-weight: bold; }
+.lmv .special { font-weight: bold; font-style: italic; }
+.lmv .legend span { margin-right: 10px; }
+.lmv .title { font-weight: bold; margin-bottom: 4px; }
+</style>
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenView:
+    """One displayed unit: a token, or the whole image triple collapsed to one block."""
+
+    text: str
+    category: str  # one of CATEGORIES
+    special: bool
+    ids: tuple[int, ...]
+    segment_kind: str
+
+
+def special_token_names(tokenizer) -> dict[int, str]:
+    """id → name of the GLM-4 special tokens, read from the tokenizer (ids are never hard-coded)."""
+    names = {
+        "eos_id": "<|endoftext|>", "gmask_id": "[gMASK]", "sop_id": "<sop>", "system_id": "<|system|>",
+        "user_id": "<|user|>", "assistant_id": "<|assistant|>", "observation_id": "<|observation|>",
+        "boi_id": "<|begin_of_image|>", "eoi_id": "<|end_of_image|>",
+    }
+    return {getattr(tokenizer, attribute): name for attribute, name in names.items()}
+
+
+def image_label(num_image_tokens: int) -> str:
+    """The collapsed image block's label, with the size the model really splices in."""
+    return f"image ×{num_image_tokens + 2} (1 boi + {num_image_tokens} patches + 1 eoi)"
+
+
+def token_views(sample: EncodedSample, tokenizer) -> list[TokenView]:
+    """The sample as display units, in order; the image triple becomes one block."""
+    names = special_token_names(tokenizer)
+    views: list[TokenView] = []
+    for segment in sample.segments:
+        if segment.kind == "image":
+            views.append(TokenView(image_label(sample.num_image_tokens), "image", True, segment.ids, "image"))
+            continue
+        category = "supervised" if segment.supervised else "prompt"
+        for token_id in segment.ids:
+            special = token_id in names and segment.kind in ("prefix", "role", "end_of_turn")
+            text = names[token_id] if special else tokenizer.decode([token_id])
+            views.append(TokenView(text, category, special, (token_id,), segment.kind))
+    return views
+
+
+def mask_counts(sample: EncodedSample) -> dict[str, int]:
+    """Counts at model length: prompt (not a target), supervised (a target), image (boi+patches+eoi).
+
+    prompt + supervised + image == total == the sequence length after the image splice; `ids` is the
+    length of `input_ids`, where the image is only 3 ids.
+    """
+    supervised = sample.num_supervised
+    image = sample.num_image_tokens + 2
+    prompt = len(sample.input_ids) - 3 - supervised
+    return {"prompt": prompt, "supervised": supervised, "image": image,
+            "total": prompt + supervised + image, "ids": len(sample.input_ids)}
+
+
+def counts_table_html(rows: Mapping[str, Mapping[str, int]]) -> str:
+    """A small HTML table: one row per named sample, one column per count."""
+    if not rows:
+        raise ValueError("counts_table_html needs at least one row")
+    columns = list(next(iter(rows.values())))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(name)}</th>"
+        + "".join(f"<td style='text-align:right'>{counts[c]}</td>" for c in columns) + "</tr>"
+        for name, counts in rows.items())
+    return f"<table class='lmv-counts'><tr><th></th>{head}</tr>{body}</table>"
+
+
+def _span(view: TokenView) -> str:
+    classes = f"tok {view.category}" + (" special" if view.special else "")
+    shown = view.text.replace("\n", "↵\n") if not view.special else view.text
+    ids = " ".join(map(str, view.ids))
+    return f'<span class="{classes}" title="ids {ids}">{html.escape(shown)}</span>'
+
+
+def render_html(sample: EncodedSample, tokenizer, *, title: str | None = None) -> str:
+    """The sample's tokens as coloured spans with a legend of counts (display with IPython's HTML)."""
+    counts = mask_counts(sample)
+    legend = "".join(
+        f'<span><span class="tok {c}">&nbsp;&nbsp;</span> {c}: {counts[c]}</span>' for c in CATEGORIES)
+    heading = f'<div class="title">{html.escape(title)}</div>' if title else ""
+    spans = "".join(_span(view) for view in token_views(sample, tokenizer))
+    return (f'{_CSS}<div class="lmv">{heading}<div class="legend">{legend} '
+            f'<span>(model length {counts["total"]})</span></div><div>{spans}</div></div>')
+
+
+def _runs(sample: EncodedSample) -> list[tuple[int, int, str]]:
+    """(start, width, category) runs over model positions, the image at its spliced width."""
+    runs: list[tuple[int, int, str]] = []
+    position = 0
+    for segment in sample.segments:
+        if segment.kind == "image":
+            pieces = [("image", sample.num_image_tokens + 2)]
+        else:
+            pieces = [("supervised" if segment.supervised else "prompt", len(segment.ids))]
+        for category, width in pieces:
+            if runs and runs[-1][2] == category and runs[-1][0] + runs[-1][1] == position:
+                start, old, _ = runs[-1]
+                runs[-1] = (start, old + width, category)
+            else:
+                runs.append((position, width, category))
+            position += width
+    return runs
+
+
+def _legend(ax) -> None:
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=COLOURS[c], label=c) for c in CATEGORIES], loc="upper left",
+              bbox_to_anchor=(1.005, 1.0), frameon=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_font():
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    return FT2Font(findfont(FontProperties()))
+
+
+def _drawable(text: str) -> str:
+    """`text` with characters the default matplotlib font lacks (e.g. CJK) written as \\uXXXX escapes,
+    so that a figure shows which token it is instead of empty boxes."""
+    font = _default_font()
+    return "".join(c if c.isascii() or font.get_char_index(ord(c)) else f"\\u{ord(c):04x}" for c in text)
+
+
+def plot_loss_mask(samples: Sequence[EncodedSample], *, titles: Sequence[str] | None = None):
+    """One horizontal bar per sample over the positions the model sees (image expanded)."""
+    import matplotlib.pyplot as plt
+
+    samples = list(samples)
+    titles = list(titles) if titles is not None else [s.name for s in samples]
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.45 * len(samples)))
+    for row, sample in enumerate(samples):
+        for category in CATEGORIES:
+            spans = [(start, width) for start, width, c in _runs(sample) if c == category]
+            ax.broken_barh(spans, (row - 0.35, 0.7), color=COLOURS[category])
+    ax.set_yticks(range(len(samples)), titles)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(s.model_length for s in samples))
+    ax.set_xlabel("position in the sequence the model sees (image expanded to its real size)")
+    _legend(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_cells(samples: Sequence[EncodedSample], tokenizer, *, titles: Sequence[str] | None = None,
+                     last: int = 10):
+    """The last `last` tokens of each sample as labelled cells coloured by supervision.
+
+    Use it to compare masks token by token, e.g. the official finetune's mask beside the fixed one.
+    """
+    import matplotlib.pyplot as plt
+
+    samples = list(samples)
+    titles = list(titles) if titles is not None else [s.name for s in samples]
+    fig, ax = plt.subplots(figsize=(1.05 * last + 1.5, 0.7 + 0.8 * len(samples)))
+    for row, sample in enumerate(samples):
+        views = token_views(sample, tokenizer)[-last:]
+        offset = last - len(views)
+        for column, view in enumerate(views):
+            x = offset + column
+            ax.add_patch(plt.Rectangle((x, row - 0.4), 0.95, 0.8, color=COLOURS[view.category]))
+            text = _drawable(view.text if view.category != "image" else "image").replace("\n", "↵")
+            ax.text(x + 0.475, row, text if len(text) <= 14 else text[:13] + "…", ha="center", va="center",
+                    fontsize=8, fontweight="bold" if view.special else "normal")
+    ax.set_xlim(0, last)
+    ax.set_ylim(len(samples) - 0.5, -0.5)
+    ax.set_yticks(range(len(samples)), titles)
+    ax.set_xticks([])
+    ax.set_xlabel(f"the last {last} tokens (orange = a target the loss trains the model to predict)")
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    _legend(ax)
+    fig.tight_layout()
+    return fig
+
+
+def mask_browser(get_sample: Callable[[int], EncodedSample], count: int, tokenizer):
+    """An ipywidgets slider over `count` samples; `get_sample(i)` encodes sample i on demand.
+
+    The HTML is rendered in Python whenever the slider moves, so the widget also works (and can be
+    driven by setting `.children[0].value`) without a browser.
+    """
+    import ipywidgets as widgets
+
+    if count < 1:
+        raise ValueError("mask_browser needs at least one sample")
+    slider = widgets.IntSlider(value=0, min=0, max=count - 1, description="sample")
+    view = widgets.HTML()
+
+    def show(index: int) -> None:
+        sample = get_sample(index)
+        view.value = render_html(sample, tokenizer, title=f"{index}: {sample.name}")
+
+    slider.observe(lambda change: show(change["new"]), names="value")
+    show(0)
+    return widgets.VBox([slider, view])
