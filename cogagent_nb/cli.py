@@ -82,7 +82,9 @@ def _add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
     from cogagent_nb.loading import make_tiny_model
 
-    print(make_tiny_model(args.out_dir, seed=args.seed))
+    out_dir = Path(make_tiny_model(args.out_dir, seed=args.seed))
+    for path in sorted(out_dir.iterdir()):
+        print(f"{path}  {path.stat().st_size:,} bytes")
     return 0
 
 

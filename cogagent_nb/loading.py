@@ -1,0 +1,395 @@
+"""Loading CogAgent checkpoints, registering them with the Auto classes, and writing the tiny model.
+
+Three jobs live here, all about getting weights from disk into `CogAgentForConditionalGeneration`:
+
+- `register_auto_classes()` teaches `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and `AutoTokenizer` the
+  official model type `"chatglm"` (transformers 5 does not ship it), so an official-format directory loads
+  without `trust_remote_code` once `cogagent_nb` is imported. The official `config.json` of
+  THUDM/cogagent-9b-20241220 carries an `auto_map` pointing at its own remote code; transformers resolves
+  `trust_remote_code=None` to "use the local class" when one is registered, so the checkpoint's code is only
+  run when a user asks for it (`load(..., trust_remote_code=True)`).
+- `load(model_dir)` is the one entry point of the course: safetensors only (single file or sharded with
+  `model.safetensors.index.json`), every missing or unexpected weight is an error (the rotary `inv_freq`
+  buffer that GLM-4 checkpoints carry is the one documented exception), and nothing is downloaded while
+  `HF_HUB_OFFLINE` is set.
+- `make_tiny_model(out_dir, seed=)` writes a complete official-format directory from the `tiny` preset —
+  the model every CPU notebook and test trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from cogagent_nb.configuration import CogAgentConfig
+    from cogagent_nb.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+
+MODEL_TYPE = "chatglm"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# `architectures` values of checkpoints this package implements: the official CogAgent and GLM-4V files, and
+# what `save_pretrained` writes for our own class.
+IMPLEMENTED_ARCHITECTURES = frozenset(
+    {"ChatGLMForConditionalGeneration", "ChatGLMModel", "CogAgentForConditionalGeneration"}
+)
+
+# Checkpoint keys that carry no information for this implementation: GLM-4 files store the rotary inverse
+# frequencies as a persistent buffer, but the official forward recomputes them (spec §2).
+IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+class CheckpointError(ValueError):
+    """A model directory that this package cannot (or will not) load; the message names the file."""
+
+
+# --- Auto classes -------------------------------------------------------------------------------------------
+_REGISTERED = False
+
+
+def register_auto_classes() -> None:
+    """Register CogAgent with transformers' Auto classes under the official model type "chatglm".
+
+    Idempotent (a second call does nothing). Raises if another library already registered a *different*
+    class for "chatglm", because then `AutoModelForCausalLM` would silently build someone else's model.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from cogagent_nb.configuration import CogAgentConfig
+    from cogagent_nb.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+
+    if MODEL_TYPE in CONFIG_MAPPING and CONFIG_MAPPING[MODEL_TYPE] is not CogAgentConfig:
+        raise RuntimeError(
+            f"transformers already maps model_type {MODEL_TYPE!r} to {CONFIG_MAPPING[MODEL_TYPE].__name__}; "
+            "refusing to replace it with CogAgentConfig"
+        )
+    AutoConfig.register(MODEL_TYPE, CogAgentConfig, exist_ok=True)
+    # The official auto_map sends both AutoModel and AutoModelForCausalLM to the generation class.
+    AutoModel.register(CogAgentConfig, CogAgentForConditionalGeneration, exist_ok=True)
+    AutoModelForCausalLM.register(CogAgentConfig, CogAgentForConditionalGeneration, exist_ok=True)
+    AutoTokenizer.register(CogAgentConfig, tokenizer_class=ChatGLM4Tokenizer, exist_ok=True)
+    _REGISTERED = True
+
+
+# --- load() -------------------------------------------------------------------------------------------------
+def load(
+    model_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> tuple[ChatGLM4Tokenizer, CogAgentForConditionalGeneration]:
+    """Load `(tokenizer, model)` from an official-format CogAgent / GLM-4V directory, in eval mode.
+
+    dtype: a torch dtype, "bfloat16"/"float16"/"float32" (short forms bf16/fp16/fp32 too), or "auto"/None
+      for the checkpoint's own dtype (`torch_dtype` in config.json; bf16 for the 9B files, fp32 for tiny).
+    device_map: passed to `from_pretrained` ("auto" spreads the 9B over the visible GPUs via accelerate).
+    trust_remote_code: run the checkpoint's own `modeling_chatglm.py` instead of this package. Those files
+      target transformers 4.x (no `generate` on 5.x, removed cache helpers), so this is an escape hatch for
+      users with an older stack; the returned objects are then the remote classes, not ours.
+    allow_pickle: also accept `pytorch_model*.bin`. Unpickling can run arbitrary code, so it is opt-in;
+      even then the files are read with `torch.load(weights_only=True)`.
+    """
+    directory = resolve_model_dir(model_dir, with_code=trust_remote_code)
+    torch_dtype = resolve_dtype(dtype)
+    if trust_remote_code:
+        return _load_with_remote_code(directory, torch_dtype, device_map)
+
+    register_auto_classes()
+    from cogagent_nb.configuration import CogAgentConfig
+    from cogagent_nb.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+
+    check_architecture(directory)
+    use_safetensors = find_weights(directory, allow_pickle=allow_pickle) == "safetensors"
+    config = CogAgentConfig.from_pretrained(directory)
+    model, info = CogAgentForConditionalGeneration.from_pretrained(
+        directory, config=config, dtype=torch_dtype, device_map=device_map, use_safetensors=use_safetensors,
+        local_files_only=True, output_loading_info=True,
+        ignore_mismatched_sizes=True,  # report shape mismatches in our error (with the key) instead of transformers'
+    )
+    check_loading_info(info, directory)
+    model.eval()
+    tokenizer = ChatGLM4Tokenizer.from_pretrained(directory)
+    return tokenizer, model
+
+
+def resolve_model_dir(model_dir: str | os.PathLike, *, with_code: bool = False) -> Path:
+    """Return `model_dir` as a local directory, or explain why a hub id cannot be used here.
+
+    The course never downloads: with `HF_HUB_OFFLINE=1` (set by the Makefile and the tests) a name that is
+    not a folder is an error. Online, a hub id is fetched with `huggingface_hub.snapshot_download`
+    (safetensors, json and tokenizer files only; the checkpoint's .py files only `with_code`).
+    """
+    path = Path(model_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the folder that holds config.json")
+    name = str(model_dir)
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+    if not looks_like_hub_id:
+        raise CheckpointError(f"{path}: no such directory")
+    if _hub_offline():
+        raise CheckpointError(
+            f"{name!r} is not a local directory and HF_HUB_OFFLINE is set, so it will not be downloaded. "
+            f"Download it first (e.g. `huggingface-cli download {name} --local-dir models/{name.split('/')[-1]}`) "
+            "and pass that folder."
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model"] + (["*.py"] if with_code else [])
+    return Path(snapshot_download(name, allow_patterns=patterns))
+
+
+def _hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """Map the accepted spellings to what `from_pretrained(dtype=...)` takes ("auto" for None)."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not understood; use one of {sorted(DTYPES)} or a torch.dtype")
+    return DTYPES[key]
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """The raw config.json as a dict, with errors that name the file and the line."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a model directory needs config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+
+
+def check_architecture(directory: Path) -> None:
+    """Fail loudly for a config this package does not implement (another model_type or architecture)."""
+    raw = read_config_json(directory)
+    path = directory / "config.json"
+    model_type = raw.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(
+            f"{path}: model_type: {model_type!r} is not {MODEL_TYPE!r}; this package implements only the "
+            "CogAgent / GLM-4V (ChatGLM) architecture"
+        )
+    architectures = raw.get("architectures") or []
+    unknown = [a for a in architectures if a not in IMPLEMENTED_ARCHITECTURES]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: architectures: {unknown} not implemented (known: {sorted(IMPLEMENTED_ARCHITECTURES)})"
+        )
+    if "vision_config" not in raw:
+        raise CheckpointError(
+            f"{path}: vision_config: missing; this is a text-only ChatGLM/GLM-4 checkpoint, not CogAgent/GLM-4V"
+        )
+
+
+def find_weights(directory: Path, *, allow_pickle: bool = False) -> str:
+    """Say which weight format `directory` holds: "safetensors" (preferred) or "pickle" (only if allowed)."""
+    if (directory / SAFE_WEIGHTS_NAME).is_file():
+        return "safetensors"
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        _check_shards_exist(index)
+        return "safetensors"
+    pickles = [name for name in PICKLE_WEIGHTS_NAMES if (directory / name).is_file()]
+    pickles += sorted(p.name for p in directory.glob("pytorch_model-*.bin"))
+    if pickles:
+        if allow_pickle:
+            return "pickle"
+        raise CheckpointError(
+            f"{directory}: only pickle weights ({', '.join(pickles)}); loading them can execute arbitrary code. "
+            "Convert them to safetensors, or pass allow_pickle=True if you trust their source."
+        )
+    raise CheckpointError(f"{directory}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
+
+
+def _check_shards_exist(index_path: Path) -> None:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{index_path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    except KeyError:
+        raise CheckpointError(f"{index_path}: weight_map: missing") from None
+    missing = sorted({shard for shard in weight_map.values() if not (index_path.parent / shard).is_file()})
+    if missing:
+        raise CheckpointError(f"{index_path}: weight_map names shards that are not there: {missing}")
+
+
+def check_loading_info(info: dict[str, Any], directory: Path) -> None:
+    """Turn `from_pretrained`'s loading report into an error listing every key that did not match.
+
+    transformers only warns about missing weights (and initialises them randomly), which would let a
+    wrong or truncated checkpoint train silently; here that is an error.
+    """
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not IGNORED_CHECKPOINT_KEYS.search(k))
+    missing = sorted(k for k in info.get("missing_keys", ()) if not IGNORED_CHECKPOINT_KEYS.search(k))
+    mismatched = sorted(
+        f"{key}: checkpoint {tuple(stored)} vs model {tuple(expected)}"
+        for key, stored, expected in info.get("mismatched_keys", ())
+    )
+    errors = list(info.get("error_msgs", ()))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the checkpoint: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weight(s) in the checkpoint: {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_preview(mismatched)}")
+    problems += errors
+    if problems:
+        raise CheckpointError(f"{directory}: " + "; ".join(problems))
+
+
+def _preview(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _load_with_remote_code(directory: Path, dtype: torch.dtype | str, device_map: str | dict | None):
+    """Hand off to the checkpoint's own code (its `auto_map`): the user opted in with trust_remote_code=True."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    raw = read_config_json(directory)
+    if "AutoModelForCausalLM" not in (raw.get("auto_map") or {}):
+        raise CheckpointError(
+            f"{directory / 'config.json'}: auto_map: no AutoModelForCausalLM entry, so there is no remote code "
+            "to trust; call load() without trust_remote_code to use this package's implementation"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=True, dtype=dtype, device_map=device_map, use_safetensors=True
+    )
+    model.eval()
+    return tokenizer, model
+
+
+# --- make_tiny_model ----------------------------------------------------------------------------------------
+def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
+    """Write a random tiny CogAgent as a complete official-format directory; return the directory.
+
+    Files: config.json, model.safetensors (fp32, the official key names, plus the
+    `rotary_pos_emb.inv_freq` buffer the real files carry), tokenizer.model + tokenizer_config.json (the
+    tiny BPE tokenizer), generation_config.json (eos = the official stop set, pad, greedy). The same seed
+    gives byte-identical files, so tests and notebooks can share one model and compare results.
+    """
+    from cogagent_nb.configuration import CogAgentConfig
+    from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, write_tokenizer_files
+
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(TINY_TOKENIZER_FILE))
+    model = build_random_model(config, seed=seed)
+    write_official_config(config, directory)
+    save_official_weights(model.state_dict(), directory, inv_freq=rotary_inv_freq(config))
+    write_tokenizer_files(directory, TINY_TOKENIZER_FILE, image_size=config.vision_config["image_size"])
+    write_generation_config(config, directory)
+    return str(directory)
+
+
+def vocabulary_fields(tokenizer_model_file: str | os.PathLike, *, multiple: int = 64) -> dict[str, Any]:
+    """Config fields that tie a model to a tokenizer file: the special ids and the padded vocabulary.
+
+    GLM-4 numbers its 14 special tokens after the BPE ranks (spec §5.2), so every special id follows
+    from the rank count; the embedding rows are padded up to a multiple of `multiple` (151552 = 2368 × 64
+    on the real model). Deriving them here keeps the tiny model consistent with whichever tiny
+    tokenizer the package ships.
+    """
+    from cogagent_nb.bpe_training import read_tokenizer_model
+    from cogagent_nb.tokenizer import SPECIAL_TOKENS
+
+    n_ranks = len(read_tokenizer_model(tokenizer_model_file))
+    special = {token: n_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab = n_ranks + len(SPECIAL_TOKENS)
+    return {
+        "padded_vocab_size": -(-vocab // multiple) * multiple,
+        "eos_token_id": [special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]],
+        "pad_token_id": special["<|endoftext|>"],
+        "boi_token_id": special["<|begin_of_image|>"],
+        "eoi_token_id": special["<|end_of_image|>"],
+    }
+
+
+def build_random_model(config: CogAgentConfig, *, seed: int = 0) -> CogAgentForConditionalGeneration:
+    """Instantiate the model in fp32 on CPU with the torch RNG seeded, so the weights depend on `seed` only."""
+    from cogagent_nb.modeling import CogAgentForConditionalGeneration
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = CogAgentForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.float().eval()
+
+
+def write_official_config(config: CogAgentConfig, directory: Path) -> None:
+    """config.json with the official field names and the official class name in `architectures`."""
+    config = config.__class__.from_dict(config.to_dict())  # a copy: do not touch the caller's config
+    config.architectures = ["ChatGLMForConditionalGeneration"]
+    config.save_pretrained(directory)
+
+
+def rotary_inv_freq(config: CogAgentConfig) -> torch.Tensor:
+    """The `transformer.rotary_pos_emb.inv_freq` buffer of GLM-4 checkpoints: base^(-2i/rotary_dim) with
+    rotary_dim = half of each head (spec §3.3); [32] on the 9B. Written so the tiny files look like the
+    real ones; loading ignores it."""
+    rotary_dim = config.rotary_dim
+    return 1.0 / (config.rope_base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+def save_official_weights(
+    state_dict: dict[str, torch.Tensor], directory: Path, *, inv_freq: torch.Tensor | None = None
+) -> Path:
+    """Write model.safetensors with the official key names, sorted, contiguous, with the "pt" metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(state_dict.items())}
+    if inv_freq is not None:
+        tensors.setdefault("transformer.rotary_pos_emb.inv_freq", inv_freq.contiguous())
+    path = directory / SAFE_WEIGHTS_NAME
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+def write_generation_config(config: CogAgentConfig, directory: Path) -> None:
+    """generation_config.json: stop on the official set (endoftext, <|user|>, <|observation|>), greedy."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=64,
+    )
+    generation.save_pretrained(directory)
