@@ -60,7 +60,6 @@ def run_course(notebooks: list[Path], out_dir: Path, parameters: dict | None = N
     from tqdm.auto import tqdm
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for notebook in tqdm(notebooks, desc="course", unit="notebook"):
