@@ -125,6 +125,28 @@ def conversation_image(conversation: dict[str, Any], data_dir: str | Path) -> Pa
     return None
 
 
+def episode_around(conversations: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    """The consecutive samples that form the episode holding sample `index`.
+
+    Datasets written step by step (the demo set, and most agent traces) store an episode on
+    consecutive lines where step k carries k history lines. The episode therefore starts `k` lines
+    before a step with k history lines, and runs on while the history keeps growing by one.
+    """
+    def history_length(conversation: dict[str, Any]) -> int:
+        user = next(m for m in conversation["messages"] if m["role"] == "user")
+        return len(parse_prompt(user["content"]).history)
+
+    start = index - history_length(conversations[index])
+    if start < 0 or history_length(conversations[start]) != 0:
+        raise ValueError(f"sample {index} has history, but its earlier steps are not the lines before it")
+    episode = [conversations[start]]
+    for conversation in conversations[start + 1:]:
+        if history_length(conversation) != len(episode):
+            break
+        episode.append(conversation)
+    return episode
+
+
 # --- the checker ----------------------------------------------------------------------------------------
 
 UTF8_BOM = b"\xef\xbb\xbf"

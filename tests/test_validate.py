@@ -273,3 +273,17 @@ def test_windows_line_endings_are_fine(data_dir):
     path = data_dir / "train.jsonl"
     path.write_bytes((CLEAN + "\r\n" + CLEAN + "\r\n").encode())
     assert validate_file(path) == []
+
+
+def test_episode_around_finds_the_consecutive_steps_of_an_episode(demo_data_dir) -> None:
+    from cogagent_nb.data import episode_around
+    from cogagent_nb.prompts import parse_prompt
+
+    samples = load_split(demo_data_dir, "train")
+    history = [len(parse_prompt(s["messages"][0]["content"]).history) for s in samples]
+    last_step = next(i for i in range(1, len(samples)) if history[i] == 0) - 1  # end of the first episode
+    episode = episode_around(samples, last_step)
+    assert episode == samples[: last_step + 1]
+    assert episode_around(samples, 0) == episode  # any step gives the whole episode
+    second = episode_around(samples, last_step + 1)
+    assert second[0] is samples[last_step + 1] and len(second) >= 2
