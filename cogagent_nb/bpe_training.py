@@ -35,6 +35,24 @@ GLM4_PAT_STR = (
 )
 
 N_BYTE_TOKENS = 256
+# The special tokens in their official order: id = number of BPE ranks + position in this tuple.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",  # end of text; also the padding token and the image placeholder
+    "[MASK]",
+    "[gMASK]",  # with <sop>, the prefix of every GLM-4 prompt
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+)
+
 # Ranks of the course's tiny tokenizer. The demo dataset is template-generated: its text splits into
 # only ~640 distinct pre-tokenized pieces, which support ~990 merges seen at least twice (1000 rendered
 # episodes: ~1290). 1024 ranks = 256 bytes + 768 merges, all of them seen at least twice.

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-from cogagent_nb.bpe_training import TINY_N_RANKS
+from cogagent_nb.bpe_training import SPECIAL_TOKENS, TINY_N_RANKS
 
 # The EVA2-CLIP-E tower of GLM-4V-9B (hub config of THUDM/glm-4v-9b; CogAgent's block was not visible
 # and is assumed identical, reference §1.2).
@@ -244,19 +244,20 @@ def _tiny_vision() -> dict[str, Any]:
     }
 
 
-def _tiny_special_ids() -> dict[str, Any]:
-    """Special ids of the tiny tokenizer: the 14 GLM-4 specials follow its `TINY_N_RANKS` BPE ranks.
+def vocabulary_fields(n_ranks: int, *, multiple: int = 64) -> dict[str, Any]:
+    """Config fields that tie a model to a tokenizer with `n_ranks` BPE ranks.
 
-    Offsets follow `tokenizer.SPECIAL_TOKENS`: <|endoftext|> +0, <|user|> +7, <|observation|> +9,
-    <|begin_of_image|> +10, <|end_of_image|> +11 (tests check them against the tokenizer itself).
+    GLM-4 numbers its 14 special tokens after the BPE ranks (reference §5.2), so every special id
+    follows from the rank count; the embedding rows are padded up to a multiple of `multiple`
+    (151552 = 2368 x 64 on the real model).
     """
-    n = TINY_N_RANKS
+    special = {token: n_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
     return {
-        "padded_vocab_size": -(-(n + 14) // 64) * 64,  # round up to a multiple of 64, as the 9B's 151552
-        "eos_token_id": [n, n + 7, n + 9],
-        "pad_token_id": n,
-        "boi_token_id": n + 10,
-        "eoi_token_id": n + 11,
+        "padded_vocab_size": -(-(n_ranks + len(SPECIAL_TOKENS)) // multiple) * multiple,
+        "eos_token_id": [special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]],
+        "pad_token_id": special["<|endoftext|>"],
+        "boi_token_id": special["<|begin_of_image|>"],
+        "eoi_token_id": special["<|end_of_image|>"],
     }
 
 
@@ -290,7 +291,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "seq_length": 2048,
             "original_rope": False,
             "layernorm_epsilon": 1e-05,
-            **_tiny_special_ids(),
+            **vocabulary_fields(TINY_N_RANKS),
             "torch_dtype": "float32",
             "vision_config": _tiny_vision(),
         },

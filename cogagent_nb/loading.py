@@ -302,41 +302,20 @@ def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
     tiny BPE tokenizer), generation_config.json (eos = the official stop set, pad, greedy). The same seed
     gives byte-identical files, so tests and notebooks can share one model and compare results.
     """
-    from cogagent_nb.configuration import CogAgentConfig
+    from cogagent_nb.bpe_training import read_tokenizer_model
+    from cogagent_nb.configuration import CogAgentConfig, vocabulary_fields
     from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, write_tokenizer_files
 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(TINY_TOKENIZER_FILE))
+    n_ranks = len(read_tokenizer_model(TINY_TOKENIZER_FILE))  # the shipped file decides, not a constant
+    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(n_ranks))
     model = build_random_model(config, seed=seed)
     write_official_config(config, directory)
     save_official_weights(model.state_dict(), directory, inv_freq=rotary_inv_freq(config))
     write_tokenizer_files(directory, TINY_TOKENIZER_FILE, image_size=config.vision_config["image_size"])
     write_generation_config(config, directory)
     return str(directory)
-
-
-def vocabulary_fields(tokenizer_model_file: str | os.PathLike, *, multiple: int = 64) -> dict[str, Any]:
-    """Config fields that tie a model to a tokenizer file: the special ids and the padded vocabulary.
-
-    GLM-4 numbers its 14 special tokens after the BPE ranks (spec §5.2), so every special id follows
-    from the rank count; the embedding rows are padded up to a multiple of `multiple` (151552 = 2368 × 64
-    on the real model). Deriving them here keeps the tiny model consistent with whichever tiny
-    tokenizer the package ships.
-    """
-    from cogagent_nb.bpe_training import read_tokenizer_model
-    from cogagent_nb.tokenizer import SPECIAL_TOKENS
-
-    n_ranks = len(read_tokenizer_model(tokenizer_model_file))
-    special = {token: n_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab = n_ranks + len(SPECIAL_TOKENS)
-    return {
-        "padded_vocab_size": -(-vocab // multiple) * multiple,
-        "eos_token_id": [special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]],
-        "pad_token_id": special["<|endoftext|>"],
-        "boi_token_id": special["<|begin_of_image|>"],
-        "eoi_token_id": special["<|end_of_image|>"],
-    }
 
 
 def build_random_model(config: CogAgentConfig, *, seed: int = 0) -> CogAgentForConditionalGeneration:

@@ -34,26 +34,10 @@ import torch
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, BatchEncoding, PaddingStrategy
 
-from cogagent_nb.bpe_training import GLM4_PAT_STR, TINY_N_RANKS, read_tokenizer_model, write_tokenizer_model
+from cogagent_nb.bpe_training import (GLM4_PAT_STR, SPECIAL_TOKENS, TINY_N_RANKS, read_tokenizer_model,
+                                      write_tokenizer_model)
 from cogagent_nb.images import image_to_tensor, load_image
 
-# The special tokens in their official order: id = number of BPE ranks + position in this tuple.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",  # end of text; also the padding token and the image placeholder
-    "[MASK]",
-    "[gMASK]",  # with <sop>, the prefix of every GLM-4 prompt
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-)
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "observation")
 DEFAULT_IMAGE_SIZE = 1120  # CogAgent-9B / GLM-4V-9B
 # The course's tiny tokenizer (TINY_N_RANKS ranks learned from the demo dataset, specials after them).
