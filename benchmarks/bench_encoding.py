@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cogagent_nb.data import load_split
-from cogagent_nb.encoding import encode_conversation
-from cogagent_nb.images import image_to_tensor, load_image
-from cogagent_nb.loss_mask_view import mask_counts
-from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
+from cogagent_nb.data.validation import load_split
+from cogagent_nb.data.encoding import encode_conversation
+from cogagent_nb.data.images import image_to_tensor, load_image
+from cogagent_nb.viz.loss_mask import mask_counts
+from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

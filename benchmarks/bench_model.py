@@ -39,8 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from cogagent_nb.configuration import CogAgentConfig  # noqa: E402
-from cogagent_nb.modeling import CogAgentForConditionalGeneration  # noqa: E402
+from cogagent_nb.model.configuration import CogAgentConfig  # noqa: E402
+from cogagent_nb.model.modeling import CogAgentForConditionalGeneration  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,7 +93,7 @@ def configure_training(model: torch.nn.Module, args: argparse.Namespace) -> torc
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.mode == "lora":
         try:
-            from cogagent_nb.adapters import add_lora
+            from cogagent_nb.model.peft_recipes import add_lora
         except ImportError as err:  # pragma: no cover - depends on the machine
             print(f"--mode lora skipped: {err}")
             return None

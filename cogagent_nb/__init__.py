@@ -1,28 +1,108 @@
 """cogagent_nb: the package behind the cogagent-notebooks course.
 
-Data format and validation, tokenizer and chat template, loss masks, a native CogAgent
-(GLM-4V-9B architecture) model that loads the official checkpoint, and the tools the notebooks call.
+The package is laid out by the stages a user goes through, which are also the course's parts:
 
-Importing the package registers model type "chatglm" with the transformers Auto classes, so
-`AutoModelForCausalLM.from_pretrained(dir)` loads an official-format directory with this package's
-code and without `trust_remote_code`.
+    cogagent_nb/
+        data/    the CogAgent data format, validation, synthetic screens, tokenizer, encoding   (01, 02)
+        model/   configuration, the native model, checkpoint loading, PEFT recipes               (03+)
+        train/   fine-tuning: the official config files, Trainer, DeepSpeed, resume               (03-06)
+        infer/   generation, action parsing into clicks, GUI metrics, evaluation                 (07)
+        viz/     pictures for people: sample views, loss-mask views, training curves
+        cli.py   the `cogagent-nb` command line;  course.py  runs the notebooks
+
+The public API is the flat list `PUBLIC_API` below: `import cogagent_nb as cnb; cnb.load(...)`.
+Every name is imported on first use, so `import cogagent_nb` is cheap and a data check never pays
+for torch. Notebooks use only these names.
+
+Auto classes: `import cogagent_nb.model` (which `cnb.load` and every model name do for you)
+registers model type "chatglm" with transformers, after which `AutoModelForCausalLM.from_pretrained(dir)`
+loads an official-format directory with this package's code and without `trust_remote_code`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+PUBLIC_API: dict[str, str] = {
+    # data: format, prompts, validation
+    "ANSWER_FORMATS": "cogagent_nb.data.actions",
+    "PLATFORMS": "cogagent_nb.data.actions",
+    "Action": "cogagent_nb.data.actions",
+    "Answer": "cogagent_nb.data.actions",
+    "parse_operation": "cogagent_nb.data.actions",
+    "format_operation": "cogagent_nb.data.actions",
+    "parse_answer": "cogagent_nb.data.actions",
+    "format_answer": "cogagent_nb.data.actions",
+    "to_pixels": "cogagent_nb.data.boxes",
+    "from_pixels": "cogagent_nb.data.boxes",
+    "box_center": "cogagent_nb.data.boxes",
+    "HistoryStep": "cogagent_nb.data.prompts",
+    "build_prompt": "cogagent_nb.data.prompts",
+    "parse_prompt": "cogagent_nb.data.prompts",
+    "SPLITS": "cogagent_nb.data.validation",
+    "Problem": "cogagent_nb.data.validation",
+    "validate_paths": "cogagent_nb.data.validation",
+    "validate_file": "cogagent_nb.data.validation",
+    "load_conversations": "cogagent_nb.data.validation",
+    "load_split": "cogagent_nb.data.validation",
+    "conversation_image": "cogagent_nb.data.validation",
+    "episode_around": "cogagent_nb.data.validation",
+    "make_demo_data": "cogagent_nb.data.synthetic",
+    "write_flawed_example": "cogagent_nb.data.synthetic",
+    # data: tokenizer and encoding
+    "load_image": "cogagent_nb.data.images",
+    "image_to_tensor": "cogagent_nb.data.images",
+    "ChatGLM4Tokenizer": "cogagent_nb.data.tokenizer",
+    "TINY_TOKENIZER_FILE": "cogagent_nb.data.tokenizer",
+    "write_tokenizer_files": "cogagent_nb.data.tokenizer",
+    "make_tiny_tokenizer": "cogagent_nb.data.bpe",
+    "IGNORE_INDEX": "cogagent_nb.data.encoding",
+    "encode_conversation": "cogagent_nb.data.encoding",
+    "TrainingCollator": "cogagent_nb.data.encoding",
+    "ConversationDataset": "cogagent_nb.data.encoding",
+    # model
+    "CogAgentConfig": "cogagent_nb.model.configuration",
+    "CogAgentForConditionalGeneration": "cogagent_nb.model.modeling",
+    "load": "cogagent_nb.model.loading",
+    "make_tiny_model": "cogagent_nb.model.loading",
+    "register_auto_classes": "cogagent_nb.model.loading",
+    "add_lora": "cogagent_nb.model.peft_recipes",
+    "add_prefix_tuning": "cogagent_nb.model.peft_recipes",
+    "freeze_vision_tower": "cogagent_nb.model.peft_recipes",
+    "save_adapter": "cogagent_nb.model.peft_recipes",
+    "load_adapter": "cogagent_nb.model.peft_recipes",
+    "merge_adapter": "cogagent_nb.model.peft_recipes",
+    "trainable_parameters_table": "cogagent_nb.model.peft_recipes",
+    # views
+    "read_sample": "cogagent_nb.viz.plots",
+    "show_sample": "cogagent_nb.viz.plots",
+    "show_samples": "cogagent_nb.viz.plots",
+    "sample_browser": "cogagent_nb.viz.plots",
+    "show_dataset_overview": "cogagent_nb.viz.plots",
+    "mask_counts": "cogagent_nb.viz.loss_mask",
+    "counts_table_html": "cogagent_nb.viz.loss_mask",
+    "render_html": "cogagent_nb.viz.loss_mask",
+    "plot_loss_mask": "cogagent_nb.viz.loss_mask",
+    "plot_token_cells": "cogagent_nb.viz.loss_mask",
+    "mask_browser": "cogagent_nb.viz.loss_mask",
+}
+"""Each public name and the module that defines it; `cnb.<name>` imports the module on first use."""
 
-def __getattr__(name: str):
-    """`cogagent_nb.load(...)` and friends, imported on first use."""
-    if name in ("load", "make_tiny_model", "register_auto_classes"):
-        from cogagent_nb import loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module 'cogagent_nb' has no attribute {name!r}")
+__all__ = sorted(PUBLIC_API)
 
 
-try:
-    from cogagent_nb.loading import register_auto_classes as _register_auto_classes
+def __getattr__(name: str) -> Any:
+    """Import the defining module on first use and cache the name on the package."""
+    module = PUBLIC_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cogagent_nb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-    _register_auto_classes()
-except ImportError:  # a GPU box with only torch + transformers: the model and data tools still work
-    pass
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(PUBLIC_API))

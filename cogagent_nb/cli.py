@@ -21,7 +21,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from cogagent_nb.data import validate_paths
+    from cogagent_nb.data.validation import validate_paths
 
     problems = validate_paths(args.paths)
     errors = [p for p in problems if p.severity == "error"]
@@ -44,7 +44,7 @@ def _add_make_demo_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_make_demo_data(args: argparse.Namespace) -> int:
-    from cogagent_nb.demo_data import make_demo_data
+    from cogagent_nb.data.synthetic import make_demo_data
 
     kwargs = {"seed": args.seed}
     if args.episodes is not None:
@@ -64,7 +64,7 @@ def _add_make_tiny_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_make_tiny_tokenizer(args: argparse.Namespace) -> int:
-    from cogagent_nb.bpe_training import make_tiny_tokenizer
+    from cogagent_nb.data.bpe import make_tiny_tokenizer
 
     kwargs = {} if args.n_ranks is None else {"n_ranks": args.n_ranks}
     print(make_tiny_tokenizer(args.data_dir, args.out_file, **kwargs))
@@ -80,7 +80,7 @@ def _add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
-    from cogagent_nb.loading import make_tiny_model
+    from cogagent_nb.model.loading import make_tiny_model
 
     out_dir = Path(make_tiny_model(args.out_dir, seed=args.seed))
     for path in sorted(out_dir.iterdir()):

@@ -50,6 +50,6 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny official-format CogAgent (seed 0), written once per test session."""
-    from cogagent_nb.loading import make_tiny_model
+    from cogagent_nb.model.loading import make_tiny_model
 
     return Path(make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))

@@ -1,4 +1,4 @@
-"""Tests for cogagent_nb.actions: the official examples, leniency, strictness, and round trips."""
+"""Tests for cogagent_nb.data.actions: the official examples, leniency, strictness, and round trips."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cogagent_nb.actions import (ACTION_PARAMETERS, ANSWER_FORMATS, END_TAG, GENERAL_TAG, GENERAL_TAG_EN,
+from cogagent_nb.data.actions import (ACTION_PARAMETERS, ANSWER_FORMATS, END_TAG, GENERAL_TAG, GENERAL_TAG_EN,
                                  PLATFORMS, SENSITIVE_TAG, SENSITIVITY, Action, ActionParseError, Answer,
                                  answer_fields, answer_format_problems, format_answer, format_operation,
                                  parse_answer, parse_operation)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cogagent_nb.adapters import (
+from cogagent_nb.model.peft_recipes import (
     OFFICIAL_LORA,
     add_lora,
     add_prefix_tuning,
@@ -21,7 +21,7 @@ from cogagent_nb.adapters import (
     save_adapter,
     trainable_parameters_table,
 )
-from cogagent_nb.loading import load, make_tiny_model
+from cogagent_nb.model.loading import load, make_tiny_model
 
 pytest.importorskip("peft")
 

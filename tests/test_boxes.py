@@ -1,4 +1,4 @@
-"""Tests for cogagent_nb.boxes: thousandths <-> pixels and the validity rules."""
+"""Tests for cogagent_nb.data.boxes: thousandths <-> pixels and the validity rules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cogagent_nb.boxes import (MAX_COORD, box_center, box_problems, check_box, from_pixels, is_valid_box,
+from cogagent_nb.data.boxes import (MAX_COORD, box_center, box_problems, check_box, from_pixels, is_valid_box,
                                to_pixels)
 
 

@@ -11,7 +11,7 @@ import pytest
 import regex
 import tiktoken
 
-from cogagent_nb.bpe_training import (
+from cogagent_nb.data.bpe import (
     GLM4_PAT_STR,
     BPETrainingError,
     TokenizerFileError,
@@ -21,7 +21,7 @@ from cogagent_nb.bpe_training import (
     write_tokenizer_model,
 )
 from cogagent_nb.cli import main as cli_main
-from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
+from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
 
 WORDS = ("click", "the", "settings", "button", "open", "menu", "Display", "tab", "CLICK(box=[[", "]]", "type",
          "search", "OK", "cancel", "window", "选择", "设置", "12", "345", "\n", " ", "'", "Status:", "Plan:")
@@ -179,6 +179,6 @@ def test_committed_asset_is_reproducible_from_demo_data(demo_data_dir: Path, tmp
         pytest.skip(f"demo dataset not found at {demo_data_dir} (run `cogagent-nb make-demo-data`)")
     make_tiny_tokenizer(demo_data_dir, tmp_path / "tiny.model")
     assert (tmp_path / "tiny.model").read_bytes() == TINY_TOKENIZER_FILE.read_bytes(), (
-        "cogagent_nb/assets/tiny_tokenizer.model is stale: run "
-        "`cogagent-nb make-tiny-tokenizer data/CogAgentData cogagent_nb/assets/tiny_tokenizer.model`"
+        "cogagent_nb/data/assets/tiny_tokenizer.model is stale: run "
+        "`cogagent-nb make-tiny-tokenizer data/CogAgentData cogagent_nb/data/assets/tiny_tokenizer.model`"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cogagent_nb.configuration import PRESETS, CogAgentConfig
+from cogagent_nb.model.configuration import PRESETS, CogAgentConfig
 
 
 def test_tiny_preset_matches_the_documented_architecture() -> None:
@@ -94,7 +94,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 
 def test_tiny_preset_special_ids_agree_with_the_tiny_tokenizer(tmp_path) -> None:
-    from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
 
     write_tokenizer_files(tmp_path, TINY_TOKENIZER_FILE, image_size=224)
     tokenizer = ChatGLM4Tokenizer.from_pretrained(tmp_path)

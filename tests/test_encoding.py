@@ -1,4 +1,4 @@
-"""Tests of cogagent_nb.encoding against hand-written expected sequences.
+"""Tests of cogagent_nb.data.encoding against hand-written expected sequences.
 
 Two tokenizers:
 - `CharTokenizer`, defined here: one id per ASCII character (id = ord), specials at 200+. Expected
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cogagent_nb.encoding import (
+from cogagent_nb.data.encoding import (
     IGNORE_INDEX,
     ConversationDataset,
     EncodingError,
@@ -289,7 +289,7 @@ def test_truncation_invariants(screenshot, max_in, max_out, n_img):
 # --- against the official template on the parity tokenizer --------------------------------------------------
 @pytest.fixture(scope="module")
 def parity_tokenizer(parity_dir):
-    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
     return ChatGLM4Tokenizer.from_pretrained(str(parity_dir))
 
@@ -380,7 +380,7 @@ def test_negative_budgets_are_rejected(screenshot):
 
 def test_demo_split_with_the_tiny_tokenizer(demo_data_dir, tmp_path):
     """Every demo dev sample encodes; ids match the tokenizer's own chat template on real data."""
-    from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
 
     if not (demo_data_dir / "dev.jsonl").exists():
         pytest.skip(f"demo data not found at {demo_data_dir} (cogagent-nb make-demo-data)")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogagent_nb.configuration import CogAgentConfig
-from cogagent_nb.modeling import CogAgentForConditionalGeneration
+from cogagent_nb.model.configuration import CogAgentConfig
+from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
 EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 1024, 1026, 1028, 1031, 1032, 1034, 1035
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogagent_nb.images import CLIP_MEAN, CLIP_STD, image_to_tensor, load_image
+from cogagent_nb.data.images import CLIP_MEAN, CLIP_STD, image_to_tensor, load_image
 
 
 def test_matches_official_transform(parity_dir: Path) -> None:

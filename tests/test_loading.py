@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogagent_nb import cli
-from cogagent_nb.loading import (
+from cogagent_nb.model.loading import (
     CheckpointError,
     load,
     make_tiny_model,
@@ -292,7 +292,7 @@ def test_tiny_config_matches_the_tiny_tokenizer(tiny):
 def test_load_reads_the_official_reference_checkpoint(parity_dir):
     """The parity case was written by the official tooling: every key but inv_freq maps onto a parameter,
     and the inv_freq we write into tiny files equals the one the official files store."""
-    from cogagent_nb.loading import rotary_inv_freq
+    from cogagent_nb.model.loading import rotary_inv_freq
 
     tokenizer, model = load(parity_dir)
     stored = load_file(parity_dir / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Tests of cogagent_nb.loss_mask_view on the parity tokenizer (official tokenizer.model format)."""
+"""Tests of cogagent_nb.viz.loss_mask on the parity tokenizer (official tokenizer.model format)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-from cogagent_nb.encoding import encode_conversation
-from cogagent_nb.loss_mask_view import (
+from cogagent_nb.data.encoding import encode_conversation
+from cogagent_nb.viz.loss_mask import (
     counts_table_html,
     image_label,
     mask_browser,
@@ -28,7 +28,7 @@ CONVERSATION = [{"role": "user", "content": "hello world", "image": "img0.png"},
 
 @pytest.fixture(scope="module")
 def tokenizer(parity_dir):
-    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
     return ChatGLM4Tokenizer.from_pretrained(str(parity_dir))
 

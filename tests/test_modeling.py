@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cogagent_nb.configuration import CogAgentConfig
-from cogagent_nb.modeling import (
+from cogagent_nb.model.configuration import CogAgentConfig
+from cogagent_nb.model.modeling import (
     ChatGLMForConditionalGeneration,
     CogAgentForConditionalGeneration,
     RMSNorm,

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from cogagent_nb.data import load_split  # noqa: E402
-from cogagent_nb.plots import read_sample, sample_browser, show_sample, show_samples  # noqa: E402
+from cogagent_nb.data.validation import load_split  # noqa: E402
+from cogagent_nb.viz.plots import read_sample, sample_browser, show_sample, show_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for cogagent_nb.prompts: the official concatenation, the README order, and parsing back."""
+"""Tests for cogagent_nb.data.prompts: the official concatenation, the README order, and parsing back."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cogagent_nb.actions import ANSWER_FORMATS, PLATFORMS, Action
-from cogagent_nb.prompts import (HistoryStep, PromptParseError, PromptParts, build_prompt, parse_prompt,
+from cogagent_nb.data.actions import ANSWER_FORMATS, PLATFORMS, Action
+from cogagent_nb.data.prompts import (HistoryStep, PromptParseError, PromptParts, build_prompt, parse_prompt,
                                  prompt_problems)
 
 # The string printed in THUDM/CogAgent README.md ("The concatenated Python string"), steps 0-1.

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cogagent_nb.bpe_training import read_tokenizer_model
-from cogagent_nb.tokenizer import (
+from cogagent_nb.data.bpe import read_tokenizer_model
+from cogagent_nb.data.tokenizer import (
     SPECIAL_TOKENS,
     TINY_N_RANKS,
     TINY_TOKENIZER_FILE,

@@ -1,4 +1,4 @@
-"""Tests for cogagent_nb.data: each broken input is reported at its exact line and field.
+"""Tests for cogagent_nb.data.validation: each broken input is reported at its exact line and field.
 
 Every case writes a small dataset in tmp_path: two clean conversations, then the broken line as line 3,
 then one more clean conversation, so a correct report must say ``FILE:3: field: ...`` and nothing about
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cogagent_nb.data import (DataFormatError, Problem, conversation_image, load_conversations, load_split,
+from cogagent_nb.data.validation import (DataFormatError, Problem, conversation_image, load_conversations, load_split,
                               validate_file, validate_paths)
-from cogagent_nb.prompts import build_prompt
+from cogagent_nb.data.prompts import build_prompt
 
 STEP0 = ("CLICK(box=[[10,20,110,60]], element_info='Settings')", "Click the Settings icon.")
 ANSWER = "Action: Click OK.\nGrounded Operation: CLICK(box=[[400,500,480,540]], element_info='OK')\n<<一般操作>>"
@@ -276,8 +276,8 @@ def test_windows_line_endings_are_fine(data_dir):
 
 
 def test_episode_around_finds_the_consecutive_steps_of_an_episode(demo_data_dir) -> None:
-    from cogagent_nb.data import episode_around
-    from cogagent_nb.prompts import parse_prompt
+    from cogagent_nb.data.validation import episode_around
+    from cogagent_nb.data.prompts import parse_prompt
 
     samples = load_split(demo_data_dir, "train")
     history = [len(parse_prompt(s["messages"][0]["content"]).history) for s in samples]

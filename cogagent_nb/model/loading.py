@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from cogagent_nb.configuration import CogAgentConfig
-    from cogagent_nb.modeling import CogAgentForConditionalGeneration
-    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
 MODEL_TYPE = "chatglm"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -74,9 +74,9 @@ def register_auto_classes() -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from cogagent_nb.configuration import CogAgentConfig
-    from cogagent_nb.modeling import CogAgentForConditionalGeneration
-    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
     if MODEL_TYPE in CONFIG_MAPPING and CONFIG_MAPPING[MODEL_TYPE] is not CogAgentConfig:
         raise RuntimeError(
@@ -117,9 +117,9 @@ def load(
         return _load_with_remote_code(directory, torch_dtype, device_map)
 
     register_auto_classes()
-    from cogagent_nb.configuration import CogAgentConfig
-    from cogagent_nb.modeling import CogAgentForConditionalGeneration
-    from cogagent_nb.tokenizer import ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
     check_architecture(directory)
     use_safetensors = find_weights(directory, allow_pickle=allow_pickle) == "safetensors"
@@ -302,9 +302,9 @@ def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
     tiny BPE tokenizer), generation_config.json (eos = the official stop set, pad, greedy). The same seed
     gives byte-identical files, so tests and notebooks can share one model and compare results.
     """
-    from cogagent_nb.bpe_training import read_tokenizer_model
-    from cogagent_nb.configuration import CogAgentConfig, vocabulary_fields
-    from cogagent_nb.tokenizer import TINY_TOKENIZER_FILE, write_tokenizer_files
+    from cogagent_nb.data.bpe import read_tokenizer_model
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, write_tokenizer_files
 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
 
 def build_random_model(config: CogAgentConfig, *, seed: int = 0) -> CogAgentForConditionalGeneration:
     """Instantiate the model in fp32 on CPU with the torch RNG seeded, so the weights depend on `seed` only."""
-    from cogagent_nb.modeling import CogAgentForConditionalGeneration
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
     generator_state = torch.random.get_rng_state()
     try:

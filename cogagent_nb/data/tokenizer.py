@@ -34,9 +34,9 @@ import torch
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, BatchEncoding, PaddingStrategy
 
-from cogagent_nb.bpe_training import (GLM4_PAT_STR, SPECIAL_TOKENS, TINY_N_RANKS, read_tokenizer_model,
+from cogagent_nb.data.bpe import (GLM4_PAT_STR, SPECIAL_TOKENS, TINY_N_RANKS, read_tokenizer_model,
                                       write_tokenizer_model)
-from cogagent_nb.images import image_to_tensor, load_image
+from cogagent_nb.data.images import image_to_tensor, load_image
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "observation")
 DEFAULT_IMAGE_SIZE = 1120  # CogAgent-9B / GLM-4V-9B
@@ -200,7 +200,7 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         result holds input_ids, attention_mask, position_ids (left-padded with <|endoftext|>, mask 0,
         position 0) and, when a message carries an image, ``images`` [B, 3, S, S].
         Truncation is refused: cutting a templated conversation can split the image marker; use
-        `cogagent_nb.encoding.encode_conversation` with length budgets instead.
+        `cogagent_nb.data.encoding.encode_conversation` with length budgets instead.
         """
         unused = {k: v for k, v in kwargs.items() if k not in ("chat_template", "tokenizer_kwargs", "add_special_tokens")}
         if unused:
@@ -208,7 +208,7 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         if truncation:
             raise ValueError(
                 "apply_chat_template does not truncate (it could split the image tokens); "
-                "use cogagent_nb.encoding.encode_conversation with max_input_length/max_output_length"
+                "use cogagent_nb.data.encoding.encode_conversation with max_input_length/max_output_length"
             )
         if tools:
             raise NotImplementedError("tool messages (`tools=`) are not supported by this tokenizer's chat template")

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from cogagent_nb.actions import (ANSWER_FORMATS, Action, ActionParseError, Answer, answer_format_problems,
+from cogagent_nb.data.actions import (ANSWER_FORMATS, Action, ActionParseError, Answer, answer_format_problems,
                                  parse_answer)
-from cogagent_nb.boxes import box_problems
-from cogagent_nb.prompts import PromptParseError, PromptParts, parse_prompt, prompt_problems
+from cogagent_nb.data.boxes import box_problems
+from cogagent_nb.data.prompts import PromptParseError, PromptParts, parse_prompt, prompt_problems
 
 ROLES: tuple[str, ...] = ("user", "assistant", "system", "observation")
 """The four roles of the GLM-4 chat template."""

@@ -328,7 +328,7 @@ def _build_segments(turns: list[_Turn], tokenizer, *, end_of_turn_id: int, keep_
 
 
 def _load_image_tensor(source: Any, image_root: str | Path | None, tokenizer, name: str) -> torch.Tensor:
-    from cogagent_nb.images import image_to_tensor, load_image
+    from cogagent_nb.data.images import image_to_tensor, load_image
 
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -462,7 +462,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, tokenizer, num_image_tokens: int, *, split: str | None = None,
                  **encode_kwargs: Any):
-        from cogagent_nb.data import load_conversations
+        from cogagent_nb.data.validation import load_conversations
 
         path = Path(path)
         self.path = path / f"{split}.jsonl" if split is not None else path

@@ -20,9 +20,9 @@ from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from cogagent_nb.actions import Action, Answer, parse_answer
-from cogagent_nb.boxes import to_pixels
-from cogagent_nb.prompts import PromptParts, parse_prompt
+from cogagent_nb.data.actions import Action, Answer, parse_answer
+from cogagent_nb.data.boxes import to_pixels
+from cogagent_nb.data.prompts import PromptParts, parse_prompt
 
 TARGET_COLOUR = "#e11d48"
 HISTORY_COLOUR = "#2563eb"

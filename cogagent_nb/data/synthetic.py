@@ -41,10 +41,10 @@ from typing import Callable
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cogagent_nb import gui_render as gr
-from cogagent_nb.actions import ANSWER_FORMATS, GENERAL_TAG, PLATFORMS, SENSITIVE_TAG, Action, Answer, format_answer
-from cogagent_nb.boxes import from_pixels
-from cogagent_nb.prompts import HistoryStep, build_prompt
+from cogagent_nb.data import screens as gr
+from cogagent_nb.data.actions import ANSWER_FORMATS, GENERAL_TAG, PLATFORMS, SENSITIVE_TAG, Action, Answer, format_answer
+from cogagent_nb.data.boxes import from_pixels
+from cogagent_nb.data.prompts import HistoryStep, build_prompt
 
 DEFAULT_EPISODES = 96
 """The committed set: 96 episodes ≈ 460 samples, about 3 MB of PNGs."""

@@ -4,7 +4,7 @@ GLM-4 (and so CogAgent) stores its tokenizer as a plain text file, one token per
 ``base64(token bytes) <space> rank``. The rank is the token id *and* the merge priority: tiktoken
 encodes a pre-tokenized piece by repeatedly merging the adjacent pair whose concatenation has the lowest
 rank. The special tokens (`<|endoftext|>`, `[gMASK]`, ...) are not in the file; the tokenizer appends
-them after the last rank (see `cogagent_nb.tokenizer`).
+them after the last rank (see `cogagent_nb.data.tokenizer`).
 
 The course cannot ship the real 151 329-rank file, so it learns a small one (`TINY_N_RANKS`) from the
 demo dataset with `train_bpe`. The algorithm is the textbook one (Sennrich et al. 2016, byte-level as in

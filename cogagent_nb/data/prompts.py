@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Union
 
-from cogagent_nb.actions import ANSWER_FORMATS, PLATFORMS, Action, format_operation, parse_operation
+from cogagent_nb.data.actions import ANSWER_FORMATS, PLATFORMS, Action, format_operation, parse_operation
 
 ORDERS: tuple[str, ...] = ("official", "readme")
 """``official``: task, history, platform, format (README, client, cli_demo).

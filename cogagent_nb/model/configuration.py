@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-from cogagent_nb.bpe_training import SPECIAL_TOKENS, TINY_N_RANKS
+from cogagent_nb.data.bpe import SPECIAL_TOKENS, TINY_N_RANKS
 
 # The EVA2-CLIP-E tower of GLM-4V-9B (hub config of THUDM/glm-4v-9b; CogAgent's block was not visible
 # and is assumed identical, reference §1.2).

@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cogagent_nb.configuration import CogAgentConfig
+from cogagent_nb.model.configuration import CogAgentConfig
 
 IGNORE_INDEX = -100
 
@@ -658,7 +658,7 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
             if prefix_mask is not None:
                 attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
 
-        hidden_states = self._decode(inputs_embeds, position_ids, attention_mask, past_length, cache)
+        hidden_states = self._run_decoder_stack(inputs_embeds, position_ids, attention_mask, past_length, cache)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.transformer.output_layer(hidden_states)  # (B, L', V)
@@ -710,7 +710,7 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
         )
         return spliced.inputs_embeds, spliced.position_ids, spliced.attention_mask, spliced.labels
 
-    def _decode(
+    def _run_decoder_stack(
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,

@@ -2,7 +2,7 @@
 
 A loss mask is easy to get wrong silently (the official CogAgent finetune never supervises its end
 token, §6 of the spec), and the error only shows up as a model that never stops. These functions draw
-an `EncodedSample` (from `cogagent_nb.encoding`) for humans:
+an `EncodedSample` (from `cogagent_nb.data.encoding`) for humans:
 
 - `mask_counts`: prompt / supervised / image token counts, at the length the model really sees;
 - `render_html`: every token as a coloured span (special tokens shown by name, "\\n" as ↵), the image
@@ -23,7 +23,7 @@ import functools
 import html
 from collections.abc import Callable, Mapping, Sequence
 
-from cogagent_nb.encoding import EncodedSample
+from cogagent_nb.data.encoding import EncodedSample
 
 CATEGORIES = ("prompt", "supervised", "image")
 COLOURS = {"prompt": "#d9d9d9", "supervised": "#f4a259", "image": "#6fa8dc"}
