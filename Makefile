@@ -20,7 +20,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup course test clean-venv
+.PHONY: setup course test lint clean-venv
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ course: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --nbval-lax tests notebooks
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

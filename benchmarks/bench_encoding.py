@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cogagent_nb.data.validation import load_split
 from cogagent_nb.data.encoding import encode_conversation
 from cogagent_nb.data.images import image_to_tensor, load_image
-from cogagent_nb.viz.loss_mask import mask_counts
 from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
+from cogagent_nb.data.validation import load_split
+from cogagent_nb.viz.loss_mask import mask_counts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,10 +52,10 @@ def time_split(conversations: list[dict], tokenizer, data_dir: Path, num_image_t
     for attempt in range(repeats):
         counts = []
         start = time.perf_counter()
-        for i, conversation in enumerate(tqdm(conversations, desc=f"encode pass {attempt + 1}/{repeats}",
-                                              leave=False)):
-            sample = encode_conversation(conversation, tokenizer, num_image_tokens=num_image_tokens,
-                                         image_root=data_dir, name=f"sample {i}")
+        for i, conversation in enumerate(tqdm(conversations, desc=f"encode pass {attempt + 1}/{repeats}", leave=False)):
+            sample = encode_conversation(
+                conversation, tokenizer, num_image_tokens=num_image_tokens, image_root=data_dir, name=f"sample {i}"
+            )
             counts.append(mask_counts(sample))
         times.append(time.perf_counter() - start)
     return min(times), counts
@@ -105,8 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
         "supervised_tokens_per_sample": round(statistics.mean(c["supervised"] for c in counts), 1),
         "model_length_per_sample": round(statistics.mean(c["total"] for c in counts), 1),
         "max_model_length": max(c["total"] for c in counts),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
     }
     width = max(map(len, result))
     for key, value in result.items():

@@ -55,12 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mode", default="full", choices=["full", "lora"])
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="full mode: freeze the vision tower as the official sft.yaml (default: on)")
+    p.add_argument(
+        "--freeze-vision",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="full mode: freeze the vision tower as the official sft.yaml (default: on)",
+    )
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both towers")
     p.add_argument("--optimizer", default="none", choices=["none", "adamw"], help="also time an optimizer step")
-    p.add_argument("--meta-init", action=argparse.BooleanOptionalAction, default=None,
-                   help="build on the meta device, then allocate and initialise on --device (default: on for cuda)")
+    p.add_argument(
+        "--meta-init",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build on the meta device, then allocate and initialise on --device (default: on for cuda)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default .bench/model-<preset>-<device>.json)")
     args = p.parse_args(argv)
@@ -71,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- model --------------------------------------------------------------------------------------------------
-def build_model(config: CogAgentConfig, device: torch.device, dtype: torch.dtype, seed: int,
-                meta_init: bool) -> torch.nn.Module:
+def build_model(
+    config: CogAgentConfig, device: torch.device, dtype: torch.dtype, seed: int, meta_init: bool
+) -> torch.nn.Module:
     """Random weights on `device`. With meta_init: build on meta (no memory, no init), allocate on the
     device, initialise there — seconds for the 9B on a GPU instead of minutes of CPU init and a copy."""
     torch.manual_seed(seed)
@@ -111,20 +120,23 @@ def configure_training(model: torch.nn.Module, args: argparse.Namespace) -> torc
 
 
 # --- batch --------------------------------------------------------------------------------------------------
-def synthetic_batch(config: CogAgentConfig, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-                    seed: int) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    config: CogAgentConfig, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> dict[str, torch.Tensor]:
     """Random text ids around one boi/placeholder/eoi triple per sample, a random image, labels = ids.
 
     Text ids are drawn below the smallest special id so no stray boi/eoi appears.
     """
     n_ids = seq_len - config.num_image_tokens + 1
     if n_ids < 4:
-        raise SystemExit(f"--seq-len {seq_len} is shorter than the image ({config.num_image_tokens + 2}) + 1 text token")
+        raise SystemExit(
+            f"--seq-len {seq_len} is shorter than the image ({config.num_image_tokens + 2}) + 1 text token"
+        )
     special_floor = min([config.pad_token_id, config.boi_token_id, config.eoi_token_id, *config.eos_token_id])
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, special_floor, (batch, n_ids), generator=g)
     boi_at = 2  # after [gMASK]<sop>-like text, as in the chat template
-    ids[:, boi_at:boi_at + 3] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
+    ids[:, boi_at : boi_at + 3] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
     size = config.vision_config["image_size"]
     images = torch.randn(batch, 3, size, size, generator=g)
     return {
@@ -185,8 +197,9 @@ def machine_description(device: torch.device) -> dict[str, str | int]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown (no commit)"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -225,19 +238,33 @@ def main(argv: list[str] | None = None) -> int:
     ms = sorted(times)[len(times) // 2]
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "preset": args.preset, "device": args.device, "dtype": args.dtype, "mode": args.mode,
-        "freeze_vision": bool(args.freeze_vision and args.mode == "full"), "grad_ckpt": args.grad_ckpt,
-        "optimizer": args.optimizer, "meta_init": args.meta_init, "batch": args.batch, "seq_len": args.seq_len,
-        "input_ids_len": int(batch["input_ids"].shape[1]), "num_image_tokens": config.num_image_tokens,
-        "steps": args.steps, "warmup": args.warmup,
-        "ms_per_step_median": round(ms, 2), "ms_per_step_all": [round(t, 2) for t in times],
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "mode": args.mode,
+        "freeze_vision": bool(args.freeze_vision and args.mode == "full"),
+        "grad_ckpt": args.grad_ckpt,
+        "optimizer": args.optimizer,
+        "meta_init": args.meta_init,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "input_ids_len": int(batch["input_ids"].shape[1]),
+        "num_image_tokens": config.num_image_tokens,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "ms_per_step_median": round(ms, 2),
+        "ms_per_step_all": [round(t, 2) for t in times],
         "tokens_per_s": round(args.batch * args.seq_len / (ms / 1000), 1),
         "peak_memory_gib": round(peak_memory_bytes(device) / 2**30, 3),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "params_trainable": trainable, "params_total": total, "build_s": round(build_s, 2),
+        "params_trainable": trainable,
+        "params_total": total,
+        "build_s": round(build_s, 2),
         "losses": [round(x, 4) for x in losses],
-        "machine": machine_description(device), "torch": torch.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
+        "machine": machine_description(device),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
     }
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,9 +276,14 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(r: dict) -> None:
     rows = [
         ("preset / device / dtype", f"{r['preset']} / {r['device']} / {r['dtype']}"),
-        ("mode", r["mode"] + (" (vision frozen)" if r["freeze_vision"] else "") + (" + grad ckpt" if r["grad_ckpt"] else "")),
-        ("batch x spliced seq (ids)",
-         f"{r['batch']} x {r['seq_len']} ({r['input_ids_len']} ids, {r['num_image_tokens']} image tokens)"),
+        (
+            "mode",
+            r["mode"] + (" (vision frozen)" if r["freeze_vision"] else "") + (" + grad ckpt" if r["grad_ckpt"] else ""),
+        ),
+        (
+            "batch x spliced seq (ids)",
+            f"{r['batch']} x {r['seq_len']} ({r['input_ids_len']} ids, {r['num_image_tokens']} image tokens)",
+        ),
         ("parameters trainable / total", f"{r['params_trainable']:,} / {r['params_total']:,}"),
         ("ms / step (median)", f"{r['ms_per_step_median']:.1f}"),
         ("tokens / s", f"{r['tokens_per_s']:,.0f}"),

@@ -29,8 +29,9 @@ def _run_validate(args: argparse.Namespace) -> int:
         if problem.severity == "error" or not args.quiet_warnings:
             print(problem)
     n_files = len(args.paths)
-    print(f"{n_files} file(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)",
-          file=sys.stderr)
+    print(
+        f"{n_files} file(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)", file=sys.stderr
+    )
     return 1 if errors else 0
 
 
@@ -59,7 +60,9 @@ def _add_make_tiny_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny-tokenizer", help="learn the tiny BPE tokenizer from a CogAgent dataset")
     p.add_argument("data_dir", type=Path, help="dataset folder holding train.jsonl")
     p.add_argument("out_file", type=Path, help="where to write tokenizer.model")
-    p.add_argument("--n-ranks", type=int, default=None, help="BPE ranks to learn (256 bytes + merges; default: the course's)")
+    p.add_argument(
+        "--n-ranks", type=int, default=None, help="BPE ranks to learn (256 bytes + merges; default: the course's)"
+    )
     p.set_defaults(handler=_run_make_tiny_tokenizer)
 
 

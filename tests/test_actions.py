@@ -9,10 +9,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cogagent_nb.data.actions import (ACTION_PARAMETERS, ANSWER_FORMATS, END_TAG, GENERAL_TAG, GENERAL_TAG_EN,
-                                 PLATFORMS, SENSITIVE_TAG, SENSITIVITY, Action, ActionParseError, Answer,
-                                 answer_fields, answer_format_problems, format_answer, format_operation,
-                                 parse_answer, parse_operation)
+from cogagent_nb.data.actions import (
+    ACTION_PARAMETERS,
+    ANSWER_FORMATS,
+    END_TAG,
+    GENERAL_TAG,
+    GENERAL_TAG_EN,
+    PLATFORMS,
+    SENSITIVE_TAG,
+    SENSITIVITY,
+    Action,
+    ActionParseError,
+    Answer,
+    answer_fields,
+    answer_format_problems,
+    format_answer,
+    format_operation,
+    parse_answer,
+    parse_operation,
+)
 
 # Every example operation of THUDM/CogAgent's README.md and Action_space_en.md.
 OFFICIAL_OPERATIONS = [
@@ -52,44 +67,54 @@ def test_parsed_values_are_typed():
     assert quote.args["auto_scroll"] is True
     gesture = parse_operation(OFFICIAL_OPERATIONS[4])
     assert [(a.name, a.args["key"]) for a in gesture.args["actions"]] == [
-        ("KEY_DOWN", "Lcontrol"), ("KEY_PRESS", "A"), ("KEY_UP", "Lcontrol")]
+        ("KEY_DOWN", "Lcontrol"),
+        ("KEY_PRESS", "A"),
+        ("KEY_UP", "Lcontrol"),
+    ]
     assert gesture.box is None
     assert format_operation(scroll) == (
-        "SCROLL_DOWN(box=[[0,86,999,932]], element_type='Scroll', element_info='Scroll', step_count=5)")
+        "SCROLL_DOWN(box=[[0,86,999,932]], element_type='Scroll', element_info='Scroll', step_count=5)"
+    )
 
 
-@pytest.mark.parametrize("text, key, value", [
-    ("CLICK(box=[[1,2,3,4]], element_info='the 'OK' button')", "element_info", "the 'OK' button"),
-    ('CLICK(box=[[1,2,3,4]], element_info="Say "hi"", element_type=\'Button\')', "element_info", 'Say "hi"'),
-    ("TYPE(box=[[1,2,3,4]], text='a, b=c', element_info='x')", "text", "a, b=c"),
-    ("CLICK( box = [ [ 1 , 2 , 3 , 4 ] ] , element_info = 'x' )", "box", (1, 2, 3, 4)),
-    ("CLICK(box=[1,2,3,4])", "box", (1, 2, 3, 4)),
-    ("KEY_PRESS(key=Return)", "key", "Return"),
-    ("LAUNCH(app=None, url='baidu.com')", "app", None),
-])
+@pytest.mark.parametrize(
+    "text, key, value",
+    [
+        ("CLICK(box=[[1,2,3,4]], element_info='the 'OK' button')", "element_info", "the 'OK' button"),
+        ('CLICK(box=[[1,2,3,4]], element_info="Say "hi"", element_type=\'Button\')', "element_info", 'Say "hi"'),
+        ("TYPE(box=[[1,2,3,4]], text='a, b=c', element_info='x')", "text", "a, b=c"),
+        ("CLICK( box = [ [ 1 , 2 , 3 , 4 ] ] , element_info = 'x' )", "box", (1, 2, 3, 4)),
+        ("CLICK(box=[1,2,3,4])", "box", (1, 2, 3, 4)),
+        ("KEY_PRESS(key=Return)", "key", "Return"),
+        ("LAUNCH(app=None, url='baidu.com')", "app", None),
+    ],
+)
 def test_lenient_where_outputs_vary(text, key, value):
     assert parse_operation(text).args[key] == value
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("click(box=[[1,2,3,4]])", "unknown action 'click'"),
-    ("TAP(box=[[1,2,3,4]])", "unknown action 'TAP'"),
-    ("CLICK(box=[[1,2,3]])", "four integers"),
-    ("CLICK(box=[[1,2,3,4,5]])", "four integers"),
-    ("CLICK(box=[[1.5,2,3,4]])", "four integers"),
-    ("CLICK(box=[[a,b,c,d]])", "four integers"),
-    ("CLICK(box=(1,2,3,4))", "box must look like"),
-    ("CLICK(element_info='OK')", "CLICK needs box"),
-    ("TYPE(box=[[1,2,3,4]])", "TYPE needs text"),
-    ("CLICK(box=[[1,2,3,4]], colour='red')", "unknown parameter 'colour'"),
-    ("CLICK(box=[[1,2,3,4]], box=[[1,2,3,4]])", "given twice"),
-    ("SCROLL_UP(box=[[1,2,3,4]], step_count=2.5)", "step_count must be an integer"),
-    ("QUOTE_TEXT(box=[[1,2,3,4]], output='x', auto_scroll=maybe)", "auto_scroll must be True or False"),
-    ("GESTURE(actions=[KEY_DOWN(key='a'), CLICK(key='b')])", "unknown step 'CLICK'"),
-    ("CLICK(box=[[1,2,3,4]], element_info='unterminated)", "unterminated string"),
-    ("CLICK box=[[1,2,3,4]]", "not an operation"),
-    ("", "not an operation"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("click(box=[[1,2,3,4]])", "unknown action 'click'"),
+        ("TAP(box=[[1,2,3,4]])", "unknown action 'TAP'"),
+        ("CLICK(box=[[1,2,3]])", "four integers"),
+        ("CLICK(box=[[1,2,3,4,5]])", "four integers"),
+        ("CLICK(box=[[1.5,2,3,4]])", "four integers"),
+        ("CLICK(box=[[a,b,c,d]])", "four integers"),
+        ("CLICK(box=(1,2,3,4))", "box must look like"),
+        ("CLICK(element_info='OK')", "CLICK needs box"),
+        ("TYPE(box=[[1,2,3,4]])", "TYPE needs text"),
+        ("CLICK(box=[[1,2,3,4]], colour='red')", "unknown parameter 'colour'"),
+        ("CLICK(box=[[1,2,3,4]], box=[[1,2,3,4]])", "given twice"),
+        ("SCROLL_UP(box=[[1,2,3,4]], step_count=2.5)", "step_count must be an integer"),
+        ("QUOTE_TEXT(box=[[1,2,3,4]], output='x', auto_scroll=maybe)", "auto_scroll must be True or False"),
+        ("GESTURE(actions=[KEY_DOWN(key='a'), CLICK(key='b')])", "unknown step 'CLICK'"),
+        ("CLICK(box=[[1,2,3,4]], element_info='unterminated)", "unterminated string"),
+        ("CLICK box=[[1,2,3,4]]", "not an operation"),
+        ("", "not an operation"),
+    ],
+)
 def test_exact_where_meaning_is_at_stake(text, fragment):
     with pytest.raises(ActionParseError, match=re.escape(fragment)):
         parse_operation(text)
@@ -98,9 +123,24 @@ def test_exact_where_meaning_is_at_stake(text, fragment):
 def test_vocabulary_matches_the_readme():
     assert ANSWER_FORMATS[0] == "Action-Operation-Sensitive" and len(ANSWER_FORMATS) == 5
     assert PLATFORMS == ("Mac", "WIN", "Mobile")
-    assert set(ACTION_PARAMETERS) >= {"CLICK", "DOUBLE_CLICK", "RIGHT_CLICK", "HOVER", "TYPE", "SCROLL_UP",
-                                      "SCROLL_DOWN", "SCROLL_LEFT", "SCROLL_RIGHT", "KEY_PRESS", "GESTURE",
-                                      "LAUNCH", "QUOTE_TEXT", "QUOTE_CLIPBOARD", "LLM", "END"}
+    assert set(ACTION_PARAMETERS) >= {
+        "CLICK",
+        "DOUBLE_CLICK",
+        "RIGHT_CLICK",
+        "HOVER",
+        "TYPE",
+        "SCROLL_UP",
+        "SCROLL_DOWN",
+        "SCROLL_LEFT",
+        "SCROLL_RIGHT",
+        "KEY_PRESS",
+        "GESTURE",
+        "LAUNCH",
+        "QUOTE_TEXT",
+        "QUOTE_CLIPBOARD",
+        "LLM",
+        "END",
+    }
     assert answer_fields("Status-Plan-Action-Operation") == ("status", "plan", "action", "operation")
     with pytest.raises(ValueError, match="unknown answer format"):
         answer_fields("Action-Only")
@@ -110,10 +150,11 @@ def test_vocabulary_matches_the_readme():
 
 README_ANSWER = (
     "Status: Currently in the email interface [[0, 2, 998, 905]], with the inbox in the center.\n"
-    "Action: Click the \"Mark all as read\" button at the top center of the inbox page.\n"
+    'Action: Click the "Mark all as read" button at the top center of the inbox page.\n'
     "Grounded Operation: CLICK(box=[[219,186,311,207]], element_type='Clickable text', "
     "element_info='Mark all emails as read')\n"
-    "<<一般操作>>")
+    "<<一般操作>>"
+)
 
 
 def test_parse_readme_answer():
@@ -126,8 +167,10 @@ def test_parse_readme_answer():
 
 
 def test_answer_leniency_no_space_english_tag_end_and_continuation():
-    text = ("Action: Click the 'Displays have separate spaces' option \n"
-            "Grounded Operation:CLICK(box=[[655,842,671,857]], element_info='switch')\n<<general operation>>")
+    text = (
+        "Action: Click the 'Displays have separate spaces' option \n"
+        "Grounded Operation:CLICK(box=[[655,842,671,857]], element_info='switch')\n<<general operation>>"
+    )
     answer = parse_answer(text)
     assert answer.operation.name == "CLICK" and answer.sensitivity == GENERAL_TAG_EN
     done = parse_answer("Action: Done.\nGrounded Operation:END()\n<<END>>")
@@ -138,12 +181,15 @@ def test_answer_leniency_no_space_english_tag_end_and_continuation():
     assert multi.status == "line one\nline two"
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("Action: a\nGrounded Operation: CLICK(box=[[1,2,3,4]])\n<<maybe>>", "unknown tag"),
-    ("Action: a\nGrounded Operation: DRAG(box=[[1,2,3,4]])", "unknown action 'DRAG'"),
-    ("Action: a\nAction: b\nGrounded Operation: END()", "two 'Action:' lines"),
-    ("Action: a\nGrounded Operation: END()\n<<一般操作>>\n<<敏感操作>>", "two sensitivity tags"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("Action: a\nGrounded Operation: CLICK(box=[[1,2,3,4]])\n<<maybe>>", "unknown tag"),
+        ("Action: a\nGrounded Operation: DRAG(box=[[1,2,3,4]])", "unknown action 'DRAG'"),
+        ("Action: a\nAction: b\nGrounded Operation: END()", "two 'Action:' lines"),
+        ("Action: a\nGrounded Operation: END()\n<<一般操作>>\n<<敏感操作>>", "two sensitivity tags"),
+    ],
+)
 def test_answer_errors(text, fragment):
     with pytest.raises(ActionParseError, match=re.escape(fragment)):
         parse_answer(text)
@@ -157,10 +203,10 @@ def test_format_answer_requires_the_formats_fields():
         format_answer(answer, "Action-Operation-Sensitive")
     assert format_answer(answer, "Action-Operation") == "Action: a\nGrounded Operation: END()"
     assert answer_format_problems(answer, "Status-Action-Operation") == [
-        "Status-Action-Operation answer lacks 'Status:'"]
+        "Status-Action-Operation answer lacks 'Status:'"
+    ]
     extra = Answer(status="s", action="a", operation=Action("END", {}))
-    assert answer_format_problems(extra, "Action-Operation") == [
-        "Action-Operation answer should not carry 'Status:'"]
+    assert answer_format_problems(extra, "Action-Operation") == ["Action-Operation answer should not carry 'Status:'"]
 
 
 # --- property tests -------------------------------------------------------------------------------------
@@ -189,9 +235,10 @@ def actions(draw, name=None):
         elif key == "auto_scroll":
             args[key] = draw(st.booleans())
         elif key == "actions":
-            args[key] = tuple(Action(n, {"key": draw(keys)})
-                              for n in draw(st.lists(st.sampled_from(["KEY_DOWN", "KEY_PRESS", "KEY_UP"]),
-                                                     max_size=4)))
+            args[key] = tuple(
+                Action(n, {"key": draw(keys)})
+                for n in draw(st.lists(st.sampled_from(["KEY_DOWN", "KEY_PRESS", "KEY_UP"]), max_size=4))
+            )
         elif key in ("app", "url"):
             args[key] = draw(st.one_of(st.none(), values))
         else:
@@ -207,6 +254,7 @@ def test_format_then_parse_gives_the_action_back(action):
 
 def _messy(action: Action, draw) -> str:
     """The same action written the way real outputs vary: spacing, leading zeros, quote style."""
+
     def value(v):
         if isinstance(v, tuple) and len(v) == 4 and all(isinstance(n, int) for n in v):
             sep = draw(st.sampled_from([",", ", ", " , "]))
@@ -214,6 +262,7 @@ def _messy(action: Action, draw) -> str:
         if isinstance(v, str) and '"' not in v and draw(st.booleans()):
             return f'"{v}"'
         return format_operation(Action("X", {"k": v}))[4:-1]
+
     eq = draw(st.sampled_from(["=", " = "]))
     comma = draw(st.sampled_from([", ", ",", " ,  "]))
     return f"{action.name}(" + comma.join(f"{k}{eq}{value(v)}" for k, v in action.args.items()) + ")"

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cogagent_nb.model.loading import load
 from cogagent_nb.model.peft_recipes import (
     OFFICIAL_LORA,
+    adapted_modules,
     add_lora,
     add_prefix_tuning,
-    adapted_modules,
     freeze_vision_tower,
     load_adapter,
     lora_config,
@@ -21,7 +22,6 @@ from cogagent_nb.model.peft_recipes import (
     save_adapter,
     trainable_parameters_table,
 )
-from cogagent_nb.model.loading import load, make_tiny_model
 
 pytest.importorskip("peft")
 
@@ -38,8 +38,9 @@ def batch(tiny_model_dir):
     tokenizer, model = load(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
     n, text = 2, 12
-    prefix = torch.tensor([tokenizer.gmask_id, tokenizer.sop_id, tokenizer.user_id, tokenizer.boi_id, tokenizer.eos_id,
-                           tokenizer.eoi_id])
+    prefix = torch.tensor(
+        [tokenizer.gmask_id, tokenizer.sop_id, tokenizer.user_id, tokenizer.boi_id, tokenizer.eos_id, tokenizer.eoi_id]
+    )
     ids = torch.cat([prefix.expand(n, -1), torch.randint(0, 400, (n, text), generator=g)], dim=1)
     labels = ids.clone()
     labels[:, : len(prefix) + 4] = -100  # supervise only the last tokens, as a chat answer

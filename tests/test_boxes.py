@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cogagent_nb.data.boxes import (MAX_COORD, box_center, box_problems, check_box, from_pixels, is_valid_box,
-                               to_pixels)
+from cogagent_nb.data.boxes import MAX_COORD, box_center, box_problems, check_box, from_pixels, is_valid_box, to_pixels
 
 
 def test_worked_example_from_the_docstring():
@@ -48,16 +47,19 @@ def test_center():
     assert (x, y) == (200.0, 150.0)
 
 
-@pytest.mark.parametrize("box, expected", [
-    ((0, 0, 999, 999), []),
-    ((5, 5, 5, 5), []),
-    ((0, 0, 1000, 999), ["coordinate 1000 outside 0-999"]),
-    ((-1, 0, 10, 10), ["coordinate -1 outside 0-999"]),
-    ((300, 0, 200, 10), ["x1=300 > x2=200 (left edge right of the right edge)"]),
-    ((0, 30, 10, 20), ["y1=30 > y2=20 (top edge below the bottom edge)"]),
-    ((1200, 0, 10, 5), ["coordinate 1200 outside 0-999", "x1=1200 > x2=10 (left edge right of the right edge)"]),
-    ((1, 2, 3), ["a box has 4 numbers, got 3"]),
-])
+@pytest.mark.parametrize(
+    "box, expected",
+    [
+        ((0, 0, 999, 999), []),
+        ((5, 5, 5, 5), []),
+        ((0, 0, 1000, 999), ["coordinate 1000 outside 0-999"]),
+        ((-1, 0, 10, 10), ["coordinate -1 outside 0-999"]),
+        ((300, 0, 200, 10), ["x1=300 > x2=200 (left edge right of the right edge)"]),
+        ((0, 30, 10, 20), ["y1=30 > y2=20 (top edge below the bottom edge)"]),
+        ((1200, 0, 10, 5), ["coordinate 1200 outside 0-999", "x1=1200 > x2=10 (left edge right of the right edge)"]),
+        ((1, 2, 3), ["a box has 4 numbers, got 3"]),
+    ],
+)
 def test_box_problems_lists_every_rule_broken(box, expected):
     assert box_problems(box) == expected
     assert is_valid_box(box) == (not expected)

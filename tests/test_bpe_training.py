@@ -11,6 +11,7 @@ import pytest
 import regex
 import tiktoken
 
+from cogagent_nb.cli import main as cli_main
 from cogagent_nb.data.bpe import (
     GLM4_PAT_STR,
     BPETrainingError,
@@ -20,11 +21,34 @@ from cogagent_nb.data.bpe import (
     train_bpe,
     write_tokenizer_model,
 )
-from cogagent_nb.cli import main as cli_main
 from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files
 
-WORDS = ("click", "the", "settings", "button", "open", "menu", "Display", "tab", "CLICK(box=[[", "]]", "type",
-         "search", "OK", "cancel", "window", "选择", "设置", "12", "345", "\n", " ", "'", "Status:", "Plan:")
+WORDS = (
+    "click",
+    "the",
+    "settings",
+    "button",
+    "open",
+    "menu",
+    "Display",
+    "tab",
+    "CLICK(box=[[",
+    "]]",
+    "type",
+    "search",
+    "OK",
+    "cancel",
+    "window",
+    "选择",
+    "设置",
+    "12",
+    "345",
+    "\n",
+    " ",
+    "'",
+    "Status:",
+    "Plan:",
+)
 
 
 SYLLABLES = ("ka", "lo", "mi", "set", "tin", "gs", "bu", "ton", "dis", "play", "win", "dow", "ré", "选", "择")
@@ -143,8 +167,12 @@ def test_small_corpus_raises_clearly() -> None:
 # --- the tiny tokenizer ---------------------------------------------------------------------------------------
 def _write_dataset(data_dir: Path, texts: list[str]) -> None:
     data_dir.mkdir()
-    lines = [json.dumps({"messages": [{"role": "user", "content": t, "image": "a.png"},
-                                      {"role": "assistant", "content": t[::-1]}]}) for t in texts]
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": t, "image": "a.png"}, {"role": "assistant", "content": t[::-1]}]}
+        )
+        for t in texts
+    ]
     (data_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -73,8 +73,7 @@ def encode(messages, **kwargs):
 
 # --- layout and supervision ----------------------------------------------------------------------------
 def test_single_round_ids_labels_positions(screenshot):
-    s = encode([{"role": "user", "content": "hi", "image": screenshot},
-                {"role": "assistant", "content": "ok"}])
+    s = encode([{"role": "user", "content": "hi", "image": screenshot}, {"role": "assistant", "content": "ok"}])
     assert s.input_ids.tolist() == [202, 204, 207, 10, 210, 200, 211, 104, 105, 208, 10, 111, 107, 207]
     # targets: "\n" after <|assistant|>, the answer, and the end-of-turn <|user|>; not <|assistant|> itself
     assert s.labels.tolist() == [X, X, X, X, X, X, X, X, X, X, 10, 111, 107, 207]
@@ -83,14 +82,27 @@ def test_single_round_ids_labels_positions(screenshot):
     assert s.image.shape == (3, 28, 28) and s.image.dtype == torch.float32
     assert s.model_length == 14 - 3 + 4 + 2
     assert [seg.kind for seg in s.segments] == [
-        "prefix", "role", "newline", "image", "content", "role", "newline", "content", "end_of_turn"]
+        "prefix",
+        "role",
+        "newline",
+        "image",
+        "content",
+        "role",
+        "newline",
+        "content",
+        "end_of_turn",
+    ]
 
 
 def test_multi_round_supervises_every_assistant_turn(screenshot):
-    s = encode([{"role": "user", "content": "a", "image": screenshot},
-                {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"},
-                {"role": "assistant", "content": "d"}])
+    s = encode(
+        [
+            {"role": "user", "content": "a", "image": screenshot},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    )
     expected = PRE + [U, NL, *IMG, *ids("a"), A, NL, *ids("b"), U, NL, *ids("c"), A, NL, *ids("d"), EOT + 7]
     assert s.input_ids.tolist() == expected
     # the <|user|> that follows the first answer is that answer's end-of-turn target
@@ -98,20 +110,27 @@ def test_multi_round_supervises_every_assistant_turn(screenshot):
 
 
 def test_system_turn_is_never_supervised(screenshot):
-    s = encode([{"role": "system", "content": "be brief"},
-                {"role": "user", "content": "q", "image": screenshot},
-                {"role": "assistant", "content": "r"}])
+    s = encode(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "q", "image": screenshot},
+            {"role": "assistant", "content": "r"},
+        ]
+    )
     assert s.input_ids.tolist() == PRE + [S, NL, *ids("be brief"), U, NL, *IMG, *ids("q"), A, NL, ord("r"), U]
     assert s.labels.tolist() == [X] * (2 + 2 + 8 + 2 + 3 + 1 + 1) + [NL, ord("r"), U]
 
 
 def test_observation_turn(screenshot):
-    s = encode([{"role": "user", "content": "q", "image": screenshot},
-                {"role": "assistant", "content": "t"},
-                {"role": "observation", "content": "42"},
-                {"role": "assistant", "content": "a"}])
-    assert s.input_ids.tolist() == PRE + [U, NL, *IMG, ord("q"), A, NL, ord("t"),
-                                          O, NL, *ids("42"), A, NL, ord("a"), U]
+    s = encode(
+        [
+            {"role": "user", "content": "q", "image": screenshot},
+            {"role": "assistant", "content": "t"},
+            {"role": "observation", "content": "42"},
+            {"role": "assistant", "content": "a"},
+        ]
+    )
+    assert s.input_ids.tolist() == PRE + [U, NL, *IMG, ord("q"), A, NL, ord("t"), O, NL, *ids("42"), A, NL, ord("a"), U]
     # the tool call ends with <|observation|> (a stop token the model must emit); the result is input
     assert s.labels.tolist() == [X] * 8 + [X, NL, ord("t"), O, X, X, X, X, NL, ord("a"), U]
 
@@ -125,12 +144,16 @@ def test_end_of_turn_choice(screenshot):
 
 
 def test_official_mode_reproduces_the_official_mask(screenshot):
-    s = encode([{"role": "user", "content": "q", "image": screenshot},
-                {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"},
-                {"role": "assistant", "content": "d"}], mode="official")
-    assert s.input_ids.tolist() == PRE + [U, NL, *IMG, ord("q"), A, NL, ord("b"), U, NL, ord("c"), A, NL,
-                                          ord("d"), U]
+    s = encode(
+        [
+            {"role": "user", "content": "q", "image": screenshot},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ],
+        mode="official",
+    )
+    assert s.input_ids.tolist() == PRE + [U, NL, *IMG, ord("q"), A, NL, ord("b"), U, NL, ord("c"), A, NL, ord("d"), U]
     # every token of an assistant message is a label (role token too); the appended end token is not
     assert s.labels.tolist() == [X] * 8 + [A, NL, ord("b"), X, X, X, A, NL, ord("d"), X]
 
@@ -148,8 +171,14 @@ def test_no_image_raises_naming_the_sample():
 
 def test_two_images_raise(screenshot):
     with pytest.raises(EncodingError, match=r"messages \[0, 2\] all carry an image"):
-        encode([{"role": "user", "content": "q", "image": screenshot}, {"role": "assistant", "content": "a"},
-                {"role": "user", "content": "q", "image": screenshot}, {"role": "assistant", "content": "a"}])
+        encode(
+            [
+                {"role": "user", "content": "q", "image": screenshot},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q", "image": screenshot},
+                {"role": "assistant", "content": "a"},
+            ]
+        )
 
 
 def test_image_on_assistant_raises(screenshot):
@@ -159,19 +188,24 @@ def test_image_on_assistant_raises(screenshot):
 
 def test_missing_image_file_raises(tmp_path):
     with pytest.raises(EncodingError, match="image file not found"):
-        encode([{"role": "user", "content": "q", "image": "nope.png"}, {"role": "assistant", "content": "a"}],
-               image_root=tmp_path)
+        encode(
+            [{"role": "user", "content": "q", "image": "nope.png"}, {"role": "assistant", "content": "a"}],
+            image_root=tmp_path,
+        )
 
 
-@pytest.mark.parametrize("roles, message", [
-    (["assistant", "user", "assistant"], r"messages\[0\]\.role: 'assistant' cannot follow the start"),
-    (["user", "user", "assistant"], r"messages\[1\]\.role: 'user' cannot follow a user turn"),
-    (["user", "assistant", "assistant"], r"messages\[2\]\.role: 'assistant' cannot follow an? assistant turn"),
-    (["user", "observation"], r"'observation' cannot follow a user turn"),
-    (["system", "system", "user", "assistant"], r"messages\[1\]\.role: 'system'"),
-    (["user", "assistant", "user"], "the last message is a user turn; a training sample must end with"),
-    (["user", "bot"], r"messages\[1\]\.role: 'bot' is not one of"),
-])
+@pytest.mark.parametrize(
+    "roles, message",
+    [
+        (["assistant", "user", "assistant"], r"messages\[0\]\.role: 'assistant' cannot follow the start"),
+        (["user", "user", "assistant"], r"messages\[1\]\.role: 'user' cannot follow a user turn"),
+        (["user", "assistant", "assistant"], r"messages\[2\]\.role: 'assistant' cannot follow an? assistant turn"),
+        (["user", "observation"], r"'observation' cannot follow a user turn"),
+        (["system", "system", "user", "assistant"], r"messages\[1\]\.role: 'system'"),
+        (["user", "assistant", "user"], "the last message is a user turn; a training sample must end with"),
+        (["user", "bot"], r"messages\[1\]\.role: 'bot' is not one of"),
+    ],
+)
 def test_role_order_errors(screenshot, roles, message):
     messages = [{"role": r, "content": "x"} for r in roles]
     messages[next(i for i, r in enumerate(roles) if r == "user")]["image"] = screenshot
@@ -186,8 +220,10 @@ TAIL = "\n(Platform: WIN)\n"
 
 
 def _history_conversation(screenshot, answer="ANSWER"):
-    return [{"role": "user", "content": TASK + HISTORY + TAIL, "image": screenshot},
-            {"role": "assistant", "content": answer}]
+    return [
+        {"role": "user", "content": TASK + HISTORY + TAIL, "image": screenshot},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def _prompt_len(content: str, num_image_tokens: int = 4) -> int:
@@ -221,8 +257,9 @@ def test_history_is_dropped_oldest_first_and_the_image_is_kept(screenshot):
 def test_budget_counts_the_expanded_image(screenshot):
     content = TASK + HISTORY + TAIL
     with_small_image = encode(_history_conversation(screenshot), max_input_length=_prompt_len(content, 4))
-    with_big_image = encode(_history_conversation(screenshot), num_image_tokens=10,
-                            max_input_length=_prompt_len(content, 4))
+    with_big_image = encode(
+        _history_conversation(screenshot), num_image_tokens=10, max_input_length=_prompt_len(content, 4)
+    )
     assert with_small_image.truncation.history_steps_dropped == 0
     # 6 more image vectors = one "\nN. sN" step (6 chars) must go
     assert with_big_image.truncation.history_steps_dropped == 1
@@ -232,7 +269,7 @@ def test_left_cut_keeps_the_task_line_then_cuts_it(screenshot):
     no_history = TASK + "\nHistory steps: " + TAIL  # all steps dropped: 24 + 17 chars
     budget = _prompt_len(no_history) - 5
     s = encode(_history_conversation(screenshot), max_input_length=budget)
-    kept = TASK + no_history[len(TASK) + 5:]
+    kept = TASK + no_history[len(TASK) + 5 :]
     assert s.input_ids.tolist() == PRE + [U, NL, *IMG, *ids(kept), A, NL, *ids("ANSWER"), U]
     assert (s.truncation.history_steps_dropped, s.truncation.prompt_tokens_cut) == (3, 5)
     assert not s.truncation.task_line_cut
@@ -257,8 +294,11 @@ def test_answer_cut_from_the_right_drops_the_end_token(screenshot):
 
 
 def test_prompt_is_cut_before_the_answer(screenshot):
-    s = encode(_history_conversation(screenshot), max_input_length=_prompt_len(TASK + "\nHistory steps: " + TAIL),
-               max_output_length=8)
+    s = encode(
+        _history_conversation(screenshot),
+        max_input_length=_prompt_len(TASK + "\nHistory steps: " + TAIL),
+        max_output_length=8,
+    )
     assert s.truncation.history_steps_dropped == 3 and s.truncation.answer_tokens_cut == 0
     assert s.labels.tolist()[-8:] == [NL, *ids("ANSWER"), U]
 
@@ -279,7 +319,7 @@ def test_truncation_invariants(screenshot, max_in, max_out, n_img):
         assert 2 + 2 + n_img + 2 + 1 > max_in  # only when the fixed part alone is too long
         return
     ids_ = s.input_ids.tolist()
-    assert ids_.count(TOK.boi_id) == 1 and ids_[ids_.index(TOK.boi_id):][:3] == IMG
+    assert ids_.count(TOK.boi_id) == 1 and ids_[ids_.index(TOK.boi_id) :][:3] == IMG
     assert s.model_length <= max_in + max_out
     answer = [t for t in s.labels.tolist() if t != X]
     full = [NL, *ids("CLICK(box=[[1,2,3,4]])"), U]
@@ -295,16 +335,23 @@ def parity_tokenizer(parity_dir):
 
 
 def test_parity_tokenizer_hand_written(parity_tokenizer, parity_dir):
-    s = encode_conversation([{"role": "user", "content": "hello world", "image": "img0.png"},
-                             {"role": "assistant", "content": "Hi!"}],
-                            parity_tokenizer, num_image_tokens=16, image_root=parity_dir)
+    s = encode_conversation(
+        [{"role": "user", "content": "hello world", "image": "img0.png"}, {"role": "assistant", "content": "Hi!"}],
+        parity_tokenizer,
+        num_image_tokens=16,
+        image_root=parity_dir,
+    )
     # [gMASK] <sop> <|user|> \n boi pad eoi "hello" " world" <|assistant|> \n "Hi" "!" ... <|user|>
     assert s.input_ids.tolist() == [559, 561, 564, 158, 567, 557, 568, 488, 550, 565, 158, 140, 19, 128, 564]
     assert s.labels.tolist() == [X] * 10 + [158, 140, 19, 128, 564]
     assert s.image.shape == (3, 112, 112)
-    official = encode_conversation([{"role": "user", "content": "hello world", "image": "img0.png"},
-                                    {"role": "assistant", "content": "Hi!"}], parity_tokenizer,
-                                   num_image_tokens=16, image_root=parity_dir, mode="official")
+    official = encode_conversation(
+        [{"role": "user", "content": "hello world", "image": "img0.png"}, {"role": "assistant", "content": "Hi!"}],
+        parity_tokenizer,
+        num_image_tokens=16,
+        image_root=parity_dir,
+        mode="official",
+    )
     assert official.labels.tolist() == [X] * 9 + [565, 158, 140, 19, 128, X]
 
 
@@ -359,8 +406,9 @@ def test_conversation_dataset_from_file_and_split(tmp_path, screenshot):
     Image.open(screenshot).save(tmp_path / "s.png")
     prompt = "Task: Open Settings\nHistory steps: \n(Platform: WIN)\n(Answer in Action-Operation format.)\n"
     answer = "Action: Click OK.\nGrounded Operation: CLICK(box=[[1,2,3,4]], element_info='OK')"
-    rows = [{"messages": [{"role": "user", "content": prompt, "image": "s.png"},
-                          {"role": "assistant", "content": answer}]}] * 2
+    rows = [
+        {"messages": [{"role": "user", "content": prompt, "image": "s.png"}, {"role": "assistant", "content": answer}]}
+    ] * 2
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     by_split = ConversationDataset(tmp_path, TOK, 4, split="train")
     by_file = ConversationDataset(tmp_path / "train.jsonl", TOK, 4, max_output_length=8)
@@ -385,13 +433,19 @@ def test_demo_split_with_the_tiny_tokenizer(demo_data_dir, tmp_path):
     if not (demo_data_dir / "dev.jsonl").exists():
         pytest.skip(f"demo data not found at {demo_data_dir} (cogagent-nb make-demo-data)")
     tokenizer = ChatGLM4Tokenizer.from_pretrained(
-        str(write_tokenizer_files(tmp_path, TINY_TOKENIZER_FILE, image_size=224)))
+        str(write_tokenizer_files(tmp_path, TINY_TOKENIZER_FILE, image_size=224))
+    )
     dataset = ConversationDataset(demo_data_dir, tokenizer, 64, split="dev")
     for index in range(len(dataset)):
         sample = dataset[index]
         assert sample.input_ids.tolist().count(tokenizer.boi_id) == 1
         assert sample.labels[-1].item() == tokenizer.user_id and sample.image.shape == (3, 224, 224)
     for index in (0, len(dataset) - 1):
-        template = tokenizer.apply_chat_template(dataset.conversations[index]["messages"], tokenize=True,
-                                                 return_dict=True, return_tensors="pt", image_root=demo_data_dir)
+        template = tokenizer.apply_chat_template(
+            dataset.conversations[index]["messages"],
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            image_root=demo_data_dir,
+        )
         assert dataset[index].input_ids.tolist()[:-1] == template["input_ids"][0].tolist()

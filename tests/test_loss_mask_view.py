@@ -22,8 +22,10 @@ from cogagent_nb.viz.loss_mask import (
 
 matplotlib.use("Agg")
 
-CONVERSATION = [{"role": "user", "content": "hello world", "image": "img0.png"},
-                {"role": "assistant", "content": "Hi!"}]
+CONVERSATION = [
+    {"role": "user", "content": "hello world", "image": "img0.png"},
+    {"role": "assistant", "content": "Hi!"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,7 @@ def test_counts_at_model_length(sample):
 
 
 def test_official_mode_counts_differ_by_the_role_and_end_tokens(tokenizer, parity_dir):
-    official = encode_conversation(CONVERSATION, tokenizer, num_image_tokens=64, image_root=parity_dir,
-                                   mode="official")
+    official = encode_conversation(CONVERSATION, tokenizer, num_image_tokens=64, image_root=parity_dir, mode="official")
     # the official mask supervises <|assistant|> \n H i ! and leaves the end token unsupervised: same
     # count, different tokens, and the one that teaches the model to stop is missing
     assert mask_counts(official) == {"prompt": 7, "supervised": 5, "image": 66, "total": 78, "ids": 15}
@@ -57,8 +58,21 @@ def test_official_mode_counts_differ_by_the_role_and_end_tokens(tokenizer, parit
 
 def test_token_views_collapse_the_image_and_name_specials(sample, tokenizer):
     views = token_views(sample, tokenizer)
-    assert [v.text for v in views] == ["[gMASK]", "<sop>", "<|user|>", "\n", image_label(1600), "hello",
-                                       " world", "<|assistant|>", "\n", "H", "i", "!", "<|user|>"]
+    assert [v.text for v in views] == [
+        "[gMASK]",
+        "<sop>",
+        "<|user|>",
+        "\n",
+        image_label(1600),
+        "hello",
+        " world",
+        "<|assistant|>",
+        "\n",
+        "H",
+        "i",
+        "!",
+        "<|user|>",
+    ]
     assert [v.category for v in views].count("image") == 1
     assert [v.category for v in views][-5:] == ["supervised"] * 5
     assert image_label(1600) == "image ×1602 (1 boi + 1600 patches + 1 eoi)"
@@ -100,10 +114,19 @@ def test_figures(sample, tokenizer):
 
 
 def test_mask_browser_steps_through_samples(tokenizer, parity_dir):
-    samples = [encode_conversation(CONVERSATION, tokenizer, num_image_tokens=16, image_root=parity_dir, name="a"),
-               encode_conversation([{"role": "user", "content": "x", "image": "img1.png"},
-                                    {"role": "assistant", "content": "a longer answer"}], tokenizer,
-                                   num_image_tokens=16, image_root=parity_dir, name="b")]
+    samples = [
+        encode_conversation(CONVERSATION, tokenizer, num_image_tokens=16, image_root=parity_dir, name="a"),
+        encode_conversation(
+            [
+                {"role": "user", "content": "x", "image": "img1.png"},
+                {"role": "assistant", "content": "a longer answer"},
+            ],
+            tokenizer,
+            num_image_tokens=16,
+            image_root=parity_dir,
+            name="b",
+        ),
+    ]
     box = mask_browser(lambda i: samples[i], len(samples), tokenizer)
     slider, view = box.children
     assert "0: a" in view.value

@@ -31,8 +31,9 @@ def test_show_sample_draws_history_and_target_boxes(dev: list[dict], demo_data_d
 
 
 def test_show_sample_without_history_draws_only_the_target(dev: list[dict], demo_data_dir: Path) -> None:
-    conversation = next(c for c in dev if "\n1. " in c["messages"][0]["content"]
-                        and "box=" in c["messages"][1]["content"])
+    conversation = next(
+        c for c in dev if "\n1. " in c["messages"][0]["content"] and "box=" in c["messages"][1]["content"]
+    )
     ax = show_sample(conversation, demo_data_dir, history=False)
     assert len(ax.patches) == 1
     plt.close(ax.figure)

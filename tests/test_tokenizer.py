@@ -39,8 +39,12 @@ def test_parity_template_cases(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None
     assert len(checks) == 16
     for check in checks:
         out = tok.apply_chat_template(
-            check["conversations"], add_generation_prompt=check["add_generation_prompt"], tokenize=True,
-            return_dict=True, return_tensors="pt", image_root=parity_dir,
+            check["conversations"],
+            add_generation_prompt=check["add_generation_prompt"],
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            image_root=parity_dir,
         )
         for key, expected in check["expected"].items():
             assert out[key].tolist() == expected, f"{check['name']}: {key}"
@@ -56,7 +60,13 @@ def test_parity_special_ids(tok: ChatGLM4Tokenizer) -> None:
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(557, 571))
     assert (tok.eos_id, tok.pad_token_id, tok.eos_token_id) == (557, 557, 557)
     assert (tok.gmask_id, tok.sop_id, tok.system_id, tok.user_id, tok.assistant_id, tok.observation_id) == (
-        559, 561, 563, 564, 565, 566)
+        559,
+        561,
+        563,
+        564,
+        565,
+        566,
+    )
     assert (tok.boi_id, tok.eoi_id) == (567, 568)
     assert tok.eos_token_ids_for_generation == [557, 564, 566]
     assert tok.image_size == 112 and tok.padding_side == "left"
@@ -78,12 +88,17 @@ def test_encode_text_keeps_special_strings_as_text(tok: ChatGLM4Tokenizer) -> No
 
 def test_rendered_string_retokenizes_to_template_ids(tok: ChatGLM4Tokenizer) -> None:
     """tokenize=False renders text that the HF path turns back into the same ids (no special text in content)."""
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "where?"},
-                    {"role": "assistant", "content": "here"}, {"role": "user", "content": "and now"}]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "where?"},
+        {"role": "assistant", "content": "here"},
+        {"role": "user", "content": "and now"},
+    ]
     text = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     assert text == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nwhere?<|assistant|>\nhere<|user|>\nand now<|assistant|>"
     assert tok(text, add_special_tokens=False)["input_ids"] == tok.apply_chat_template(
-        conversation, add_generation_prompt=True)
+        conversation, add_generation_prompt=True
+    )
 
 
 def test_decode_skip_special_tokens(tok: ChatGLM4Tokenizer) -> None:
@@ -120,15 +135,27 @@ def test_batch_call_pads_left_with_positions(tok: ChatGLM4Tokenizer) -> None:
 def test_template_return_forms(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None:
     conv = [{"role": "user", "content": "x", "image": str(parity_dir / "img0.png")}]
     flat = tok.apply_chat_template(conv, add_generation_prompt=True)
-    assert flat == [tok.gmask_id, tok.sop_id, tok.user_id, *tok.encode_text("\n"), tok.boi_id, tok.eos_id,
-                    tok.eoi_id, *tok.encode_text("x"), tok.assistant_id]
+    assert flat == [
+        tok.gmask_id,
+        tok.sop_id,
+        tok.user_id,
+        *tok.encode_text("\n"),
+        tok.boi_id,
+        tok.eos_id,
+        tok.eoi_id,
+        *tok.encode_text("x"),
+        tok.assistant_id,
+    ]
     assert tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt").tolist() == [flat]
     single = tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)
     assert single["input_ids"] == flat and single["images"].shape == (3, 112, 112)
     batched = tok.apply_chat_template([conv, conv], return_dict=True, return_tensors="pt")
     assert batched["images"].shape == (2, 3, 112, 112)
-    pil = tok.apply_chat_template([{"role": "user", "content": "x", "image": Image.open(parity_dir / "img0.png")}],
-                                  return_dict=True, return_tensors="pt")
+    pil = tok.apply_chat_template(
+        [{"role": "user", "content": "x", "image": Image.open(parity_dir / "img0.png")}],
+        return_dict=True,
+        return_tensors="pt",
+    )
     torch.testing.assert_close(pil["images"], batched["images"][:1])
     assert tok.apply_chat_template({"messages": conv}, add_generation_prompt=True) == flat
 
@@ -146,9 +173,11 @@ def test_template_metadata_goes_before_newline(tok: ChatGLM4Tokenizer) -> None:
 
 # --- errors --------------------------------------------------------------------------------------------
 def test_two_images_raise(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None:
-    conv = [{"role": "user", "content": "a", "image": parity_dir / "img0.png"},
-            {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c", "image": parity_dir / "img1.png"}]
+    conv = [
+        {"role": "user", "content": "a", "image": parity_dir / "img0.png"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c", "image": parity_dir / "img1.png"},
+    ]
     with pytest.raises(ValueError, match="message 2 carries a second image"):
         tok.apply_chat_template(conv)
     with pytest.raises(ValueError, match="second image"):
@@ -199,7 +228,9 @@ def test_write_tokenizer_files_official_layout(parity_dir: Path, tmp_path: Path)
     official = json.loads((parity_dir / "tokenizer_config.json").read_text())
     assert "auto_map" not in config and config["tokenizer_class"] == "ChatGLM4Tokenizer"
     assert config["image_size"] == 224
-    assert {k: v for k, v in config.items() if k != "image_size"} == {k: v for k, v in official.items() if k != "image_size"}
+    assert {k: v for k, v in config.items() if k != "image_size"} == {
+        k: v for k, v in official.items() if k != "image_size"
+    }
     assert ChatGLM4Tokenizer.from_pretrained(tmp_path).image_size == 224
 
 
@@ -231,12 +262,29 @@ def test_real_tokenizer_vectors(tmp_path: Path) -> None:
     assert real.eos_token_ids_for_generation == [151329, 151336, 151338]
     assert real("<|user|>\nhello<|assistant|>")["input_ids"] == [151331, 151333, 151336, 198, 14978, 151337]
     assert real.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True) == [
-        151331, 151333, 151336, 198, 14978, 151337]
+        151331,
+        151333,
+        151336,
+        198,
+        14978,
+        151337,
+    ]
     assert real.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True) == [
-        151331, 151333, 151336, 198, 109377, 151337]
+        151331,
+        151333,
+        151336,
+        198,
+        109377,
+        151337,
+    ]
     image = Image.new("RGB", (64, 48), (200, 10, 10))
-    out = real.apply_chat_template([{"role": "user", "content": "描述这张图片", "image": image}],
-                                   add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    assert out["input_ids"].tolist() == [[151331, 151333, 151336, 198, 151339, 151329, 151340, 100395, 108627, 100736,
-                                          151337]]
+    out = real.apply_chat_template(
+        [{"role": "user", "content": "描述这张图片", "image": image}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    assert out["input_ids"].tolist() == [
+        [151331, 151333, 151336, 198, 151339, 151329, 151340, 100395, 108627, 100736, 151337]
+    ]
     assert out["images"].shape == (1, 3, 1120, 1120)

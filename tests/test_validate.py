@@ -16,17 +16,28 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cogagent_nb.data.validation import (DataFormatError, Problem, conversation_image, load_conversations, load_split,
-                              validate_file, validate_paths)
 from cogagent_nb.data.prompts import build_prompt
+from cogagent_nb.data.validation import (
+    DataFormatError,
+    Problem,
+    conversation_image,
+    load_conversations,
+    load_split,
+    validate_file,
+    validate_paths,
+)
 
 STEP0 = ("CLICK(box=[[10,20,110,60]], element_info='Settings')", "Click the Settings icon.")
 ANSWER = "Action: Click OK.\nGrounded Operation: CLICK(box=[[400,500,480,540]], element_info='OK')\n<<一般操作>>"
 
 
 def user(content: str | None = None, image: str | None = "images/ok.png", **extra) -> dict:
-    message = {"role": "user", "content": content if content is not None else
-               build_prompt("Set DNS to 8.8.4.4", "WIN", "Action-Operation-Sensitive", [STEP0])}
+    message = {
+        "role": "user",
+        "content": content
+        if content is not None
+        else build_prompt("Set DNS to 8.8.4.4", "WIN", "Action-Operation-Sensitive", [STEP0]),
+    }
     if image is not None:
         message["image"] = image
     return {**message, **extra}
@@ -62,57 +73,154 @@ def write(data_dir: Path, broken: str | bytes, name: str = "train.jsonl") -> Pat
 # (id, the broken line 3, expected field, a fragment of the message, severity)
 BROKEN = [
     ("trailing-comma", CLEAN[:-2] + ",]}", "json", "trailing comma before ']'", "error"),
-    ("unescaped-quotes", '{"messages": [{"role": "user", "content": "click "OK" now"}]}', "json",
-     "unescaped double quote", "error"),
+    (
+        "unescaped-quotes",
+        '{"messages": [{"role": "user", "content": "click "OK" now"}]}',
+        "json",
+        "unescaped double quote",
+        "error",
+    ),
     ("python-repr", str({"messages": []}), "json", "JSON needs double quotes", "error"),
     ("comma-after-line", CLEAN + ",", "json", "JSONL lines are not separated by commas", "error"),
     ("not-an-object", "[1, 2, 3]", "record", "must hold a JSON object, got list", "error"),
     ("no-messages", json.dumps({"conversation": []}), "messages", "missing", "error"),
     ("messages-not-list", json.dumps({"messages": "hello"}), "messages", "must be a list, got str", "error"),
     ("empty-messages", json.dumps({"messages": []}), "messages", "empty conversation", "error"),
-    ("unknown-role", line(user(), {"role": "bot", "content": ANSWER}), "messages[1].role",
-     "unknown role 'bot'", "error"),
+    (
+        "unknown-role",
+        line(user(), {"role": "bot", "content": ANSWER}),
+        "messages[1].role",
+        "unknown role 'bot'",
+        "error",
+    ),
     ("missing-role", line(user(), {"content": ANSWER}), "messages[1].role", "missing", "error"),
     ("missing-content", line(user(), {"role": "assistant"}), "messages[1].content", "missing", "error"),
     ("empty-content", line(user(content="   "), assistant()), "messages[0].content", "empty", "error"),
-    ("content-not-string", line(user(), assistant(content=["Action: x"])), "messages[1].content",
-     "must be a string, got list", "error"),
-    ("missing-image", line(user(image="images/nope.png"), assistant()), "messages[0].image",
-     "image file not found: images/nope.png", "error"),
-    ("unreadable-image", line(user(image="images/broken.png"), assistant()), "messages[0].image",
-     "PIL cannot open images/broken.png", "error"),
-    ("two-images", line(user(), assistant(), user(image="images/other.png"), assistant()), "messages[2].image",
-     "more than one image", "error"),
-    ("image-on-assistant", line(user(image=None), assistant(image="images/ok.png")), "messages[1].image",
-     "image on the assistant turn", "error"),
+    (
+        "content-not-string",
+        line(user(), assistant(content=["Action: x"])),
+        "messages[1].content",
+        "must be a string, got list",
+        "error",
+    ),
+    (
+        "missing-image",
+        line(user(image="images/nope.png"), assistant()),
+        "messages[0].image",
+        "image file not found: images/nope.png",
+        "error",
+    ),
+    (
+        "unreadable-image",
+        line(user(image="images/broken.png"), assistant()),
+        "messages[0].image",
+        "PIL cannot open images/broken.png",
+        "error",
+    ),
+    (
+        "two-images",
+        line(user(), assistant(), user(image="images/other.png"), assistant()),
+        "messages[2].image",
+        "more than one image",
+        "error",
+    ),
+    (
+        "image-on-assistant",
+        line(user(image=None), assistant(image="images/ok.png")),
+        "messages[1].image",
+        "image on the assistant turn",
+        "error",
+    ),
     ("no-image", line(user(image=None), assistant()), "messages", "no user turn with an image", "error"),
     ("no-assistant", line(user()), "messages", "no assistant turn", "error"),
-    ("unknown-action", line(user(), assistant("Action: x\nGrounded Operation: TAP(box=[[1,2,3,4]])\n<<一般操作>>")),
-     "messages[1].content", "unknown action 'TAP'", "error"),
-    ("malformed-box", line(user(), assistant("Action: x\nGrounded Operation: CLICK(box=[[1,2,3]])\n<<一般操作>>")),
-     "messages[1].content", "box must hold four integers", "error"),
-    ("box-out-of-range", line(user(), assistant("Action: x\nGrounded Operation: CLICK(box=[[1,2,3,1000]])\n<<一般操作>>")),
-     "messages[1].content", "box [[1,2,3,1000]]: coordinate 1000 outside 0-999", "error"),
-    ("box-x1-gt-x2", line(user(), assistant("Action: x\nGrounded Operation: CLICK(box=[[500,2,100,4]])\n<<一般操作>>")),
-     "messages[1].content", "x1=500 > x2=100", "error"),
-    ("no-operation", line(user(), assistant("Action: Click OK.\n<<一般操作>>")), "messages[1].content",
-     "no 'Grounded Operation:' line", "error"),
-    ("answer-lacks-tag", line(user(), assistant("Action: x\nGrounded Operation: END()")), "messages[1].content",
-     "Action-Operation-Sensitive answer lacks 'sensitivity tag'", "error"),
-    ("unknown-tag", line(user(), assistant("Action: x\nGrounded Operation: END()\n<<危险>>")),
-     "messages[1].content", "unknown tag '<<危险>>'", "error"),
+    (
+        "unknown-action",
+        line(user(), assistant("Action: x\nGrounded Operation: TAP(box=[[1,2,3,4]])\n<<一般操作>>")),
+        "messages[1].content",
+        "unknown action 'TAP'",
+        "error",
+    ),
+    (
+        "malformed-box",
+        line(user(), assistant("Action: x\nGrounded Operation: CLICK(box=[[1,2,3]])\n<<一般操作>>")),
+        "messages[1].content",
+        "box must hold four integers",
+        "error",
+    ),
+    (
+        "box-out-of-range",
+        line(user(), assistant("Action: x\nGrounded Operation: CLICK(box=[[1,2,3,1000]])\n<<一般操作>>")),
+        "messages[1].content",
+        "box [[1,2,3,1000]]: coordinate 1000 outside 0-999",
+        "error",
+    ),
+    (
+        "box-x1-gt-x2",
+        line(user(), assistant("Action: x\nGrounded Operation: CLICK(box=[[500,2,100,4]])\n<<一般操作>>")),
+        "messages[1].content",
+        "x1=500 > x2=100",
+        "error",
+    ),
+    (
+        "no-operation",
+        line(user(), assistant("Action: Click OK.\n<<一般操作>>")),
+        "messages[1].content",
+        "no 'Grounded Operation:' line",
+        "error",
+    ),
+    (
+        "answer-lacks-tag",
+        line(user(), assistant("Action: x\nGrounded Operation: END()")),
+        "messages[1].content",
+        "Action-Operation-Sensitive answer lacks 'sensitivity tag'",
+        "error",
+    ),
+    (
+        "unknown-tag",
+        line(user(), assistant("Action: x\nGrounded Operation: END()\n<<危险>>")),
+        "messages[1].content",
+        "unknown tag '<<危险>>'",
+        "error",
+    ),
     ("bad-utf8", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "encoding", "not valid UTF-8", "error"),
-    ("unknown-platform", line(user(build_prompt("T", "Linux", "Action-Operation-Sensitive")), assistant()),
-     "messages[0].content", "unknown platform 'Linux'", "warning"),
-    ("unknown-format", line(user(build_prompt("T", "WIN", "Action-Only")), assistant()),
-     "messages[0].content", "unknown answer format 'Action-Only'", "warning"),
-    ("free-form-prompt", line(user("What should I click?"), assistant()), "messages[0].content",
-     "does not start with 'Task: '", "warning"),
-    ("bad-history-box", line(user(build_prompt("T", "WIN", "Action-Operation-Sensitive",
-                                               [("CLICK(box=[[5,5,1200,9]])", "Click.")])), assistant()),
-     "messages[0].content", "history step 0: box [[5,5,1200,9]]: coordinate 1200 outside", "warning"),
-    ("extra-field", line(user(), assistant("Status: s\n" + ANSWER)), "messages[1].content",
-     "should not carry 'Status:'", "warning"),
+    (
+        "unknown-platform",
+        line(user(build_prompt("T", "Linux", "Action-Operation-Sensitive")), assistant()),
+        "messages[0].content",
+        "unknown platform 'Linux'",
+        "warning",
+    ),
+    (
+        "unknown-format",
+        line(user(build_prompt("T", "WIN", "Action-Only")), assistant()),
+        "messages[0].content",
+        "unknown answer format 'Action-Only'",
+        "warning",
+    ),
+    (
+        "free-form-prompt",
+        line(user("What should I click?"), assistant()),
+        "messages[0].content",
+        "does not start with 'Task: '",
+        "warning",
+    ),
+    (
+        "bad-history-box",
+        line(
+            user(build_prompt("T", "WIN", "Action-Operation-Sensitive", [("CLICK(box=[[5,5,1200,9]])", "Click.")])),
+            assistant(),
+        ),
+        "messages[0].content",
+        "history step 0: box [[5,5,1200,9]]: coordinate 1200 outside",
+        "warning",
+    ),
+    (
+        "extra-field",
+        line(user(), assistant("Status: s\n" + ANSWER)),
+        "messages[1].content",
+        "should not carry 'Status:'",
+        "warning",
+    ),
     ("blank-line", "   ", "line", "blank line", "warning"),
 ]
 
@@ -153,7 +261,8 @@ def test_bom_is_reported_at_line_1(data_dir):
     path.write_bytes(b"\xef\xbb\xbf" + CLEAN.encode() + b"\n" + CLEAN.encode() + b"\n")
     assert [str(p) for p in validate_file(path)] == [
         f"{path}:1: encoding: file starts with a UTF-8 byte-order mark (BOM), which json.loads rejects; "
-        "save it as plain UTF-8 (e.g. open(..., encoding='utf-8'), not 'utf-8-sig')"]
+        "save it as plain UTF-8 (e.g. open(..., encoding='utf-8'), not 'utf-8-sig')"
+    ]
 
 
 # The English fine-tuning README's example, shortened: pretty-printed, objects separated by a comma,
@@ -195,7 +304,9 @@ def test_the_readme_example_gets_messages_that_say_how_to_fix_it(data_dir):
     assert "pretty-printed JSON, not JSONL" in problems[0].message and "json.dumps" in problems[0].message
     assert "trailing comma before ']'" in problems[1].message and "remove it" in problems[1].message
     # The same conversations written properly are clean (README order, English tags, no space after ':').
-    fixed = [json.dumps(c, ensure_ascii=False) for c in json.loads("[" + README_EXAMPLE.replace("},\n  ]", "}\n  ]") + "]")]
+    fixed = [
+        json.dumps(c, ensure_ascii=False) for c in json.loads("[" + README_EXAMPLE.replace("},\n  ]", "}\n  ]") + "]")
+    ]
     path.write_text("\n".join(fixed) + "\n", encoding="utf-8")
     assert validate_file(path) == []
 
@@ -206,7 +317,8 @@ def test_mixed_prompt_orders_warn_once_naming_the_lines(data_dir):
     assert [str(p) for p in validate_file(path)] == [
         f"{path}:3: messages[0].content: warning: the dataset mixes prompt orders: 1 prompt(s) in 'readme' "
         "order (line 3) vs 3 in 'official' order (line 1, line 2, line 4); build all prompts with one "
-        "build_prompt(order=...)"]
+        "build_prompt(order=...)"
+    ]
 
 
 def test_mixed_orders_across_the_files_of_one_dataset(data_dir):
@@ -223,8 +335,11 @@ def test_load_conversations_raises_naming_file_line_field(data_dir):
     path = write(data_dir, line(user(), {"role": "bot", "content": ANSWER}))
     with pytest.raises(DataFormatError, match=r"train\.jsonl:3: messages\[1\]\.role: unknown role 'bot'") as info:
         load_conversations(path)
-    assert info.value.problems == [Problem(str(path), 3, "messages[1].role",
-                                           "unknown role 'bot'; expected one of user, assistant, system, observation")]
+    assert info.value.problems == [
+        Problem(
+            str(path), 3, "messages[1].role", "unknown role 'bot'; expected one of user, assistant, system, observation"
+        )
+    ]
     with pytest.raises(ValueError, match="split must be one of"):
         load_split(data_dir, "validation")
 
@@ -235,8 +350,9 @@ def test_problem_str_is_file_line_field_message():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cogagent_nb", "validate", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "cogagent_nb", "validate", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_exit_codes_and_output(data_dir):
@@ -245,7 +361,8 @@ def test_cli_exit_codes_and_output(data_dir):
     assert result.returncode == 1
     assert result.stdout.splitlines() == [
         f"{bad}:3: messages[0].image: image file not found: images/nope.png (looked for "
-        f"{data_dir / 'images' / 'nope.png'}; paths are relative to the JSONL file's folder)"]
+        f"{data_dir / 'images' / 'nope.png'}; paths are relative to the JSONL file's folder)"
+    ]
     assert "1 error(s)" in result.stderr
     clean = data_dir / "clean.jsonl"
     clean.write_text(CLEAN + "\n", encoding="utf-8")
@@ -276,8 +393,8 @@ def test_windows_line_endings_are_fine(data_dir):
 
 
 def test_episode_around_finds_the_consecutive_steps_of_an_episode(demo_data_dir) -> None:
-    from cogagent_nb.data.validation import episode_around
     from cogagent_nb.data.prompts import parse_prompt
+    from cogagent_nb.data.validation import episode_around
 
     samples = load_split(demo_data_dir, "train")
     history = [len(parse_prompt(s["messages"][0]["content"]).history) for s in samples]

@@ -223,7 +223,7 @@ class CogAgentConfig(PretrainedConfig):
 
     # ---- presets --------------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "CogAgentConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> CogAgentConfig:
         """Build a named preset (see `PRESETS`); keyword overrides replace top-level fields."""
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")

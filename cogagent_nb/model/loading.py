@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
-    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
 MODEL_TYPE = "chatglm"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -48,9 +48,14 @@ IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -74,9 +79,9 @@ def register_auto_classes() -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
-    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
     if MODEL_TYPE in CONFIG_MAPPING and CONFIG_MAPPING[MODEL_TYPE] is not CogAgentConfig:
         raise RuntimeError(
@@ -117,16 +122,21 @@ def load(
         return _load_with_remote_code(directory, torch_dtype, device_map)
 
     register_auto_classes()
+    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
-    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
 
     check_architecture(directory)
     use_safetensors = find_weights(directory, allow_pickle=allow_pickle) == "safetensors"
     config = CogAgentConfig.from_pretrained(directory)
     model, info = CogAgentForConditionalGeneration.from_pretrained(
-        directory, config=config, dtype=torch_dtype, device_map=device_map, use_safetensors=use_safetensors,
-        local_files_only=True, output_loading_info=True,
+        directory,
+        config=config,
+        dtype=torch_dtype,
+        device_map=device_map,
+        use_safetensors=use_safetensors,
+        local_files_only=True,
+        output_loading_info=True,
         ignore_mismatched_sizes=True,  # report shape mismatches in our error (with the key) instead of transformers'
     )
     check_loading_info(info, directory)
@@ -303,8 +313,8 @@ def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
     gives byte-identical files, so tests and notebooks can share one model and compare results.
     """
     from cogagent_nb.data.bpe import read_tokenizer_model
-    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
     from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, write_tokenizer_files
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ Notable features, in the order of this file:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

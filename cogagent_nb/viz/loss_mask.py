@@ -57,9 +57,15 @@ class TokenView:
 def special_token_names(tokenizer) -> dict[int, str]:
     """id → name of the GLM-4 special tokens, read from the tokenizer (ids are never hard-coded)."""
     names = {
-        "eos_id": "<|endoftext|>", "gmask_id": "[gMASK]", "sop_id": "<sop>", "system_id": "<|system|>",
-        "user_id": "<|user|>", "assistant_id": "<|assistant|>", "observation_id": "<|observation|>",
-        "boi_id": "<|begin_of_image|>", "eoi_id": "<|end_of_image|>",
+        "eos_id": "<|endoftext|>",
+        "gmask_id": "[gMASK]",
+        "sop_id": "<sop>",
+        "system_id": "<|system|>",
+        "user_id": "<|user|>",
+        "assistant_id": "<|assistant|>",
+        "observation_id": "<|observation|>",
+        "boi_id": "<|begin_of_image|>",
+        "eoi_id": "<|end_of_image|>",
     }
     return {getattr(tokenizer, attribute): name for attribute, name in names.items()}
 
@@ -94,8 +100,13 @@ def mask_counts(sample: EncodedSample) -> dict[str, int]:
     supervised = sample.num_supervised
     image = sample.num_image_tokens + 2
     prompt = len(sample.input_ids) - 3 - supervised
-    return {"prompt": prompt, "supervised": supervised, "image": image,
-            "total": prompt + supervised + image, "ids": len(sample.input_ids)}
+    return {
+        "prompt": prompt,
+        "supervised": supervised,
+        "image": image,
+        "total": prompt + supervised + image,
+        "ids": len(sample.input_ids),
+    }
 
 
 def counts_table_html(rows: Mapping[str, Mapping[str, int]]) -> str:
@@ -106,8 +117,10 @@ def counts_table_html(rows: Mapping[str, Mapping[str, int]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         f"<tr><th style='text-align:left'>{html.escape(name)}</th>"
-        + "".join(f"<td style='text-align:right'>{counts[c]}</td>" for c in columns) + "</tr>"
-        for name, counts in rows.items())
+        + "".join(f"<td style='text-align:right'>{counts[c]}</td>" for c in columns)
+        + "</tr>"
+        for name, counts in rows.items()
+    )
     return f"<table class='lmv-counts'><tr><th></th>{head}</tr>{body}</table>"
 
 
@@ -121,12 +134,13 @@ def _span(view: TokenView) -> str:
 def render_html(sample: EncodedSample, tokenizer, *, title: str | None = None) -> str:
     """The sample's tokens as coloured spans with a legend of counts (display with IPython's HTML)."""
     counts = mask_counts(sample)
-    legend = "".join(
-        f'<span><span class="tok {c}">&nbsp;&nbsp;</span> {c}: {counts[c]}</span>' for c in CATEGORIES)
+    legend = "".join(f'<span><span class="tok {c}">&nbsp;&nbsp;</span> {c}: {counts[c]}</span>' for c in CATEGORIES)
     heading = f'<div class="title">{html.escape(title)}</div>' if title else ""
     spans = "".join(_span(view) for view in token_views(sample, tokenizer))
-    return (f'{_CSS}<div class="lmv">{heading}<div class="legend">{legend} '
-            f'<span>(model length {counts["total"]})</span></div><div>{spans}</div></div>')
+    return (
+        f'{_CSS}<div class="lmv">{heading}<div class="legend">{legend} '
+        f"<span>(model length {counts['total']})</span></div><div>{spans}</div></div>"
+    )
 
 
 def _runs(sample: EncodedSample) -> list[tuple[int, int, str]]:
@@ -151,8 +165,12 @@ def _runs(sample: EncodedSample) -> list[tuple[int, int, str]]:
 def _legend(ax) -> None:
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=COLOURS[c], label=c) for c in CATEGORIES], loc="upper left",
-              bbox_to_anchor=(1.005, 1.0), frameon=False)
+    ax.legend(
+        handles=[Patch(color=COLOURS[c], label=c) for c in CATEGORIES],
+        loc="upper left",
+        bbox_to_anchor=(1.005, 1.0),
+        frameon=False,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,8 +208,9 @@ def plot_loss_mask(samples: Sequence[EncodedSample], *, titles: Sequence[str] | 
     return fig
 
 
-def plot_token_cells(samples: Sequence[EncodedSample], tokenizer, *, titles: Sequence[str] | None = None,
-                     last: int = 10):
+def plot_token_cells(
+    samples: Sequence[EncodedSample], tokenizer, *, titles: Sequence[str] | None = None, last: int = 10
+):
     """The last `last` tokens of each sample as labelled cells coloured by supervision.
 
     Use it to compare masks token by token, e.g. the official finetune's mask beside the fixed one.
@@ -208,8 +227,15 @@ def plot_token_cells(samples: Sequence[EncodedSample], tokenizer, *, titles: Seq
             x = offset + column
             ax.add_patch(plt.Rectangle((x, row - 0.4), 0.95, 0.8, color=COLOURS[view.category]))
             text = _drawable(view.text if view.category != "image" else "image").replace("\n", "↵")
-            ax.text(x + 0.475, row, text if len(text) <= 14 else text[:13] + "…", ha="center", va="center",
-                    fontsize=8, fontweight="bold" if view.special else "normal")
+            ax.text(
+                x + 0.475,
+                row,
+                text if len(text) <= 14 else text[:13] + "…",
+                ha="center",
+                va="center",
+                fontsize=8,
+                fontweight="bold" if view.special else "normal",
+            )
     ax.set_xlim(0, last)
     ax.set_ylim(len(samples) - 0.5, -0.5)
     ax.set_yticks(range(len(samples)), titles)

@@ -11,9 +11,10 @@ drew on, and never call `plt.show()`, so that they work in notebooks, scripts an
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
@@ -53,19 +54,31 @@ def read_sample(conversation: dict[str, Any], data_dir: str | Path) -> SampleVie
     return SampleView(image, path, parse_prompt(user["content"]), parse_answer(assistant["content"]))
 
 
-def draw_box(ax: Axes, box: Sequence[int], width: int, height: int, *, colour: str, label: str = "",
-             dashed: bool = False) -> None:
+def draw_box(
+    ax: Axes, box: Sequence[int], width: int, height: int, *, colour: str, label: str = "", dashed: bool = False
+) -> None:
     """Draw one box given in thousandths on an image of `width` × `height` pixels."""
     x1, y1, x2, y2 = to_pixels(box, width, height)
-    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2.5,
-                           linestyle="--" if dashed else "-"))
+    ax.add_patch(
+        Rectangle(
+            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2.5, linestyle="--" if dashed else "-"
+        )
+    )
     if label:
-        ax.text(x1, max(y1 - 3, 0), label, color="white", fontsize=8, va="bottom",
-                bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.5})
+        ax.text(
+            x1,
+            max(y1 - 3, 0),
+            label,
+            color="white",
+            fontsize=8,
+            va="bottom",
+            bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.5},
+        )
 
 
-def show_sample(conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes | None = None,
-                history: bool = True) -> Axes:
+def show_sample(
+    conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes | None = None, history: bool = True
+) -> Axes:
     """A screenshot with its target box (solid red) and the boxes of the history steps (dashed blue).
 
     History boxes were chosen on *earlier* screens; drawing them on this one shows where the agent has
@@ -80,8 +93,9 @@ def show_sample(conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes 
         for i, step in enumerate(view.prompt.history):
             box = step.operation.box
             if box is not None:
-                draw_box(ax, box, width, height, colour=HISTORY_COLOUR, label=f"{i}. {step.operation.name}",
-                         dashed=True)
+                draw_box(
+                    ax, box, width, height, colour=HISTORY_COLOUR, label=f"{i}. {step.operation.name}", dashed=True
+                )
     operation = view.operation
     if operation is not None and operation.box is not None:
         draw_box(ax, operation.box, width, height, colour=TARGET_COLOUR, label=f"target: {operation.name}")
@@ -97,16 +111,18 @@ def _title(view: SampleView) -> str:
         what = what[:67] + "..."
     end = "  <<END>>" if view.answer.end else ""
     task = textwrap.shorten(view.prompt.task, width=70, placeholder="...")
-    return (f"{view.prompt.platform} · {view.prompt.answer_format} · step {len(view.prompt.history)}\n"
-            f"{task}\n{what}{end}")
+    return (
+        f"{view.prompt.platform} · {view.prompt.answer_format} · step {len(view.prompt.history)}\n{task}\n{what}{end}"
+    )
 
 
-def show_samples(conversations: Sequence[dict[str, Any]], data_dir: str | Path, *, columns: int = 3,
-                 history: bool = True) -> plt.Figure:
+def show_samples(
+    conversations: Sequence[dict[str, Any]], data_dir: str | Path, *, columns: int = 3, history: bool = True
+) -> plt.Figure:
     """Several samples side by side (e.g. the steps of one episode)."""
     rows = max(1, -(-len(conversations) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(conversations):]:
+    for ax in axes.flat[len(conversations) :]:
         ax.set_axis_off()
     for ax, conversation in zip(axes.flat, conversations):
         show_sample(conversation, data_dir, ax=ax, history=history)
@@ -125,8 +141,9 @@ def sample_browser(conversations: Sequence[dict[str, Any]], data_dir: str | Path
 
     if not conversations:
         raise ValueError("sample_browser needs at least one conversation")
-    slider = widgets.IntSlider(value=start, min=0, max=len(conversations) - 1, description="sample",
-                               continuous_update=False)
+    slider = widgets.IntSlider(
+        value=start, min=0, max=len(conversations) - 1, description="sample", continuous_update=False
+    )
     previous, following = widgets.Button(description="◀"), widgets.Button(description="▶")
     picture, text = widgets.Output(), widgets.Output(layout={"max_width": "46em"})
 
@@ -157,8 +174,7 @@ def show_dataset_overview(splits: dict[str, Sequence[dict[str, Any]]]) -> plt.Fi
     """
     from collections import Counter
 
-    counters: dict[str, dict[str, Counter]] = {"action": {}, "answer format": {}, "platform": {},
-                                              "history steps": {}}
+    counters: dict[str, dict[str, Counter]] = {"action": {}, "answer format": {}, "platform": {}, "history steps": {}}
     for split, conversations in splits.items():
         for name in counters:
             counters[name][split] = Counter()
