@@ -76,6 +76,14 @@ PUBLIC_API: dict[str, str] = {
     "load_adapter": "cogagent_nb.model.peft_recipes",
     "merge_adapter": "cogagent_nb.model.peft_recipes",
     "trainable_parameters_table": "cogagent_nb.model.peft_recipes",
+    # inference and evaluation
+    "GuiScore": "cogagent_nb.infer.metrics",
+    "score_answer": "cogagent_nb.infer.metrics",
+    "score_answers": "cogagent_nb.infer.metrics",
+    "summarize": "cogagent_nb.infer.metrics",
+    "summarize_by": "cogagent_nb.infer.metrics",
+    "action_confusion": "cogagent_nb.infer.metrics",
+    "gui_metrics": "cogagent_nb.infer.metrics",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",
