@@ -68,8 +68,11 @@ PUBLIC_API: dict[str, str] = {
     "ConversationDataset": "cogagent_nb.data.encoding",
     # model
     "CogAgentConfig": "cogagent_nb.model.configuration",
+    "VisionConfig": "cogagent_nb.model.configuration",
     "CogAgentForConditionalGeneration": "cogagent_nb.model.modeling",
     "load": "cogagent_nb.model.loading",
+    "init_model": "cogagent_nb.model.loading",
+    "save_pretrained": "cogagent_nb.model.loading",
     "make_tiny_model": "cogagent_nb.model.loading",
     "register_auto_classes": "cogagent_nb.model.loading",
     "add_lora": "cogagent_nb.model.peft_recipes",
