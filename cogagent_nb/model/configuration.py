@@ -12,7 +12,8 @@ number of image tokens) is computed here, in one place, as read-only properties 
 that cannot describe a working model (for example `num_positions` that does not match the patch grid)
 fails loudly when it is built.
 
-Reference: `shared/reference/cogagent-9b-architecture.md` §1. Where the reference says UNCONFIRMED,
+Sources: the `config.json` files of THUDM/cogagent-9b-20241220 and THUDM/glm-4v-9b on the Hugging Face
+hub, and the GLM-4V hub code (`modeling_chatglm.py`, `visual.py`). Where a value could not be confirmed,
 the choice is an explicit field with a documented default (`rotary_percent`, `rope_table_dtype`).
 """
 
@@ -137,10 +138,10 @@ ROPE_TABLE_DTYPES: tuple[str, ...] = ("auto", "float32", "model")
 class CogAgentConfig(PretrainedConfig):
     """The GLM-4V-9B / CogAgent configuration, field names as in the official `config.json`.
 
-    Defaults are the values of `THUDM/cogagent-9b-20241220` (reference §1.1). Use
+    Defaults are the values of `THUDM/cogagent-9b-20241220` (its hub `config.json`). Use
     `CogAgentConfig.from_preset(name)` for the named presets in `PRESETS`.
 
-    Two fields are this project's, for choices the reference marks UNCONFIRMED:
+    Two fields are this project's, for values the public sources do not confirm:
 
     - `rotary_percent` (default 0.5): the fraction of each head's dimensions that RoPE rotates. The hub
       code hard-codes one half (`RotaryEmbedding(kv_channels // 2)`); CogAgent's config carries the
@@ -194,7 +195,7 @@ class CogAgentConfig(PretrainedConfig):
     initializer_range: float = 0.02
     use_cache: bool = True
     tie_word_embeddings: bool = False
-    # Special tokens (reference §1.1, §5.2).
+    # Special tokens (config.json; ids = BPE ranks + position in SPECIAL_TOKENS, tokenization_chatglm.py).
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = 151329
     boi_token_id: int = 151339
@@ -329,7 +330,7 @@ class CogAgentConfig(PretrainedConfig):
 def vocabulary_fields(n_ranks: int, *, multiple: int = 64) -> dict[str, Any]:
     """Config fields that tie a model to a tokenizer with `n_ranks` BPE ranks.
 
-    GLM-4 numbers its 14 special tokens after the BPE ranks (reference §5.2), so every special id
+    GLM-4 numbers its 14 special tokens after the BPE ranks (`tokenization_chatglm.py`), so every special id
     follows from the rank count; the embedding rows are padded up to a multiple of `multiple`
     (151552 = 2368 x 64 on the real model).
     """
@@ -346,12 +347,12 @@ def vocabulary_fields(n_ranks: int, *, multiple: int = 64) -> dict[str, Any]:
 # Named presets: the fields (as in config.json) and where the values come from.
 PRESETS: dict[str, dict[str, Any]] = {
     "cogagent-9b-20241220": {
-        "source": "huggingface.co/THUDM/cogagent-9b-20241220 config.json (reference §1.1; vision block "
+        "source": "huggingface.co/THUDM/cogagent-9b-20241220 config.json (vision block "
         "assumed equal to glm-4v-9b, rotary_percent assumed 0.5)",
         "fields": {"architectures": ["ChatGLMForConditionalGeneration"]},
     },
     "glm-4v-9b": {
-        "source": "huggingface.co/THUDM/glm-4v-9b config.json (reference §1.1-1.2)",
+        "source": "huggingface.co/THUDM/glm-4v-9b config.json",
         "fields": {
             "architectures": ["ChatGLMModel"],
             "original_rope": True,

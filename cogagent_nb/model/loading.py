@@ -47,7 +47,7 @@ IMPLEMENTED_ARCHITECTURES = frozenset(
 )
 
 # Checkpoint keys that carry no information for this implementation: GLM-4 files store the rotary inverse
-# frequencies as a persistent buffer, but the official forward recomputes them (spec §2).
+# frequencies as a persistent buffer, but the official forward recomputes them (GLM-4 `modeling_chatglm.py`, `RotaryEmbedding`).
 IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")
 
 DTYPES: dict[str, torch.dtype | str] = {
