@@ -1,6 +1,6 @@
 """`ChatGLM4Tokenizer`: the GLM-4 / CogAgent tokenizer and chat template, without remote code.
 
-What it reproduces (spec: ``shared/reference/cogagent-9b-architecture.md`` §5; upstream:
+What it reproduces (spec: ``docs/MODEL_SPEC.md`` §5; upstream:
 ``tokenization_chatglm.py`` of THUDM/glm-4v-9b):
 
 - ``tokenizer.model``: byte-level BPE ranks (base64 bytes + rank per line), encoded with tiktoken and

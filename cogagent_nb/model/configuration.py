@@ -10,7 +10,7 @@ Everything the model derives from the config (head widths, patch grid, number of
 computed here, in one place, as read-only properties. A config that cannot describe a working model
 (for example `num_positions` that does not match the patch grid) fails loudly when it is built.
 
-Reference: `shared/reference/cogagent-9b-architecture.md` §1. Where the reference says UNCONFIRMED,
+Reference (the "reference §" cited below): `docs/MODEL_SPEC.md` §1. Where it says UNCONFIRMED,
 the choice is an explicit field with a documented default (`rotary_percent`, `rope_table_dtype`).
 """
 
