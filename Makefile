@@ -47,13 +47,14 @@ test: $(STAMP)
 
 # The floors: .ci/floor_constraints.py pins each `>=X` of pyproject.toml to `==X`. torch stays at TORCH_SPEC
 # (older torch on PyPI comes only as multi-GB CUDA wheels; pyproject.toml says so beside its floor).
+# Only what tests/ needs is installed (no Jupyter stack): the notebooks run in `make test`.
 $(FLOOR_STAMP): pyproject.toml Makefile .ci/floor_constraints.py
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(FLOOR_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(FLOOR_VENV)/bin/python .ci/floor_constraints.py --keep torch > $(FLOOR_VENV)/floor-constraints.txt
-	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor-constraints.txt -e ".[test]"
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor-constraints.txt -e . pytest hypothesis
 	touch $(FLOOR_STAMP)
 
 test-floor: $(FLOOR_STAMP)
