@@ -2,7 +2,7 @@
 
 Each subcommand is a thin shell over one package function, so that notebooks, tests and the command
 line all exercise the same code. Heavy imports (torch, transformers) happen inside the handlers, which
-keeps `cogagent-nb validate` fast.
+keeps `cogagent-nb validate` and `--help` free of them (tests/test_startup.py checks it).
 """
 
 from __future__ import annotations

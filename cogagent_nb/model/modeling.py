@@ -2,7 +2,7 @@
 
 Upstream: the remote code of `THUDM/glm-4v-9b` (`modeling_chatglm.py`, `visual.py`), which
 `THUDM/cogagent-9b-20241220` shares, and the GLM-4 / CogAgent papers (arXiv 2406.12793, 2312.08914).
-This is a re-implementation written from `shared/reference/cogagent-9b-architecture.md`, checked
+This is a re-implementation written from the facts in `docs/MODEL_SPEC.md`, checked
 against logits of the official code (`tests/test_modeling.py`). Module names equal the keys of the
 official safetensors, so loading is a key-by-key copy; the only checkpoint key without a module,
 `transformer.rotary_pos_emb.inv_freq`, is accepted and ignored (the table is recomputed, as the hub does).
@@ -41,6 +41,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cogagent_nb.data.encoding import IGNORE_INDEX
 from cogagent_nb.model.configuration import CogAgentConfig, VisionConfig
+
+# transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; 5.17 to
+# 5.23 (what GPU images ship today) still use the old name. This is the one place that knows.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # ================================================================================================
@@ -612,7 +616,7 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
     ) -> CausalLMOutputWithPast | tuple:
         """Logits over the spliced sequence (length L + n - 1 when images are given) and the loss.
 
-        `past_key_values` (official name) and `cache` (transformers 5 name) are the same argument;
+        `past_key_values` (official name) and `cache` (transformers >= 5.24 name) are the same argument;
         if both are given, a non-empty `cache` wins (during `generate` with PEFT prefix tuning, PEFT
         passes a fresh prefix as `past_key_values` on every step while `cache` holds the real one).
 
@@ -665,7 +669,7 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
             loss = causal_lm_loss(logits, labels)
         if not return_dict:
             return tuple(item for item in (loss, logits, cache if use_cache else None) if item is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
     def _splice_images(
         self,
@@ -770,7 +774,7 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
 
 
 def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """`cache` (transformers 5) or `past_key_values` (official name): a non-empty `cache` wins, then any given one."""
+    """`cache` (transformers >= 5.24) or `past_key_values` (official name): a non-empty `cache` wins, then any given one."""
     if cache is not None and (cache.get_seq_length() > 0 or past_key_values is None):
         return cache
     return past_key_values if past_key_values is not None else cache
