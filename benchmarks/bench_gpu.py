@@ -70,8 +70,8 @@ CASES: tuple[Case, ...] = (
     Case("lora-before", "lora", "none", speedups=False, note="as issue 9's baseline: full logits, no ckpt"),
     Case("lora-nockpt", "lora", "none", note="speedups, no checkpointing"),
     Case("lora-ckpt-before", "lora", "full", speedups=False, note="full ckpt, full logits"),
-    Case("lora-ckpt", "lora", "full", note="speedups + full ckpt"),
-    Case("lora", "lora", "selective", note="speedups + selective ckpt (the recipe)"),
+    Case("lora-ckpt", "lora", "full", note="speedups + full ckpt (the recipe: <= 30 GiB)"),
+    Case("lora", "lora", "selective", note="speedups + selective ckpt (did not pay)"),
     Case("lora_language-before", "lora_language", "full", speedups=False, note="full ckpt, vision with grad mode"),
     Case("lora_language", "lora_language", "full", note="speedups + full ckpt"),
     Case("lora_language-nockpt", "lora_language", "none", note="speedups, no checkpointing"),
@@ -444,11 +444,13 @@ def gqa_mask_attention(config: CogAgentConfig, args: argparse.Namespace, rows: i
 
 # --- parity: the optimised LoRA step against the plain one ---------------------------------------------------
 def lora_parity(config: CogAgentConfig, args: argparse.Namespace) -> dict:
-    """Loss and LoRA gradients, speedups + selective checkpointing vs neither, same weights and batch.
+    """Loss and LoRA gradients: speedups + checkpointing against neither, same weights and batch.
 
     LoRA dropout is 0 and lora_B is drawn at random (it starts at zero, which would make every
-    lora_A gradient zero); the comparison is the relative L2 distance of all gradients together and
-    the worst single tensor's.
+    lora_A gradient zero). The backward of the plain path is not deterministic on CUDA (cuDNN
+    attention backward), so the plain step is run twice: their gap is the noise floor, and the
+    optimised step passes when its loss equals the plain one to 1e-3 and its gradients stay within
+    1.5 x that floor (relative L2 distance over all LoRA gradients).
     """
     device = torch.device(args.device)
     case = Case("parity", "lora", "none")
@@ -459,30 +461,36 @@ def lora_parity(config: CogAgentConfig, args: argparse.Namespace) -> dict:
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, device=device, generator=generator) * 0.01)
     batch = synthetic_batch(config, args.batch, args.seq_len, device, args.torch_dtype, args.seed)
-    results = {}
-    for label, on in (("plain", False), ("optimised", True)):
-        if on:
-            modeling.selective_checkpointing(model)
+
+    def loss_and_grads(on: bool) -> tuple[float, dict[str, torch.Tensor]]:
         with speedups(on):
             model.zero_grad(set_to_none=True)
             loss = model(**batch).loss
             loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[label] = (float(loss.detach()), grads)
-    (plain_loss, plain), (fast_loss, fast) = results["plain"], results["optimised"]
-    diff = sum(float((fast[n] - g).norm() ** 2) for n, g in plain.items()) ** 0.5
-    norm = sum(float(g.norm() ** 2) for g in plain.values()) ** 0.5
-    worst = max(float((fast[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in plain.items())
-    del model
+        return float(loss.detach()), {
+            n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    def gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        diff = sum(float((b[n] - g).norm() ** 2) for n, g in a.items()) ** 0.5
+        return diff / sum(float(g.norm() ** 2) for g in a.values()) ** 0.5
+
+    plain_loss, plain = loss_and_grads(False)
+    _, plain_again = loss_and_grads(False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fast_loss, fast = loss_and_grads(True)
+    floor, distance = gap(plain, plain_again), gap(plain, fast)
+    loss_gap = abs(fast_loss - plain_loss) / abs(plain_loss)
+    model = None  # free the weights
     return {
         "loss_plain": plain_loss,
         "loss_optimised": fast_loss,
-        "loss_rel_diff": abs(fast_loss - plain_loss) / abs(plain_loss),
-        "grad_rel_l2": diff / norm,
-        "grad_rel_l2_worst_tensor": worst,
+        "loss_rel_diff": loss_gap,
+        "grad_rel_l2_plain_vs_plain": floor,
+        "grad_rel_l2_plain_vs_optimised": distance,
         "tensors": len(plain),
-        "tolerance": "loss rel diff < 1e-3 and all-gradient rel L2 < 1e-2 (bf16 operands: 1e-3..1e-2)",
-        "passed": abs(fast_loss - plain_loss) / abs(plain_loss) < 1e-3 and diff / norm < 1e-2,
+        "tolerance": "loss rel diff < 1e-3; gradient rel L2 <= 1.5 x plain-vs-plain + 1e-6",
+        "passed": loss_gap < 1e-3 and distance <= 1.5 * floor + 1e-6,
     }
 
 

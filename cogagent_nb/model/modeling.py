@@ -49,7 +49,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Speedups:
-    """Switches for the memory and speed measures of docs/BENCHMARKS.md; all on by default.
+    """Switches for the memory and speed measures of docs/BENCHMARKS.md; on by default where they paid.
 
     They change no result beyond rounding (tests/test_modeling.py and the GPU parity check of
     benchmarks/bench_gpu.py); they exist as switches only so that a benchmark can measure each
@@ -59,13 +59,16 @@ class Speedups:
       chunk by chunk, each chunk recomputed in backward (`supervised_lm_loss`), instead of
       materialising (B, L, 151,552) logits and their fp32 copy.
     - frozen_vision_no_grad: a vision tower with no trainable parameter runs under `no_grad`.
-    - expand_kv_with_mask: with an explicit attention mask, K/V are repeated to the query heads
-      instead of passing `enable_gqa`, which CUDA SDPA serves only with its slow math kernel.
+    - expand_kv_with_mask (off): with an explicit attention mask, repeat K/V to the query heads instead
+      of passing `enable_gqa`. Older PyTorch served `enable_gqa` + a mask only with the math kernel;
+      on PyTorch 2.11 / H200 the grouped call with a padding mask ran on a fused kernel (3.5 ms and
+      0.67 GiB for 4 x 2048 tokens, forward + backward, against 3.7 ms and 0.78 GiB expanded;
+      docs/BENCHMARKS.md), so expanding does not pay there. Turn it on for an older PyTorch.
     """
 
     supervised_loss: bool = True
     frozen_vision_no_grad: bool = True
-    expand_kv_with_mask: bool = True
+    expand_kv_with_mask: bool = False
 
 
 SPEEDUPS = Speedups()
@@ -893,6 +896,12 @@ def _summed_cross_entropy(rows: torch.Tensor, targets: torch.Tensor, head: nn.Mo
 
 def selective_checkpointing(model: nn.Module, *, vision_attention: bool = True) -> None:
     """Activation checkpointing in both towers that keeps the vision tower's attention outputs.
+
+    Measured on an H200 (docs/BENCHMARKS.md) it does not pay for LoRA at 2048 tokens: 0.91 s and
+    30.4 GiB against 0.88 s and 29.1 GiB with plain checkpointing, because the vision attention
+    forward is only ~0.4 ms a layer there. Kept for longer images or sequences, where it grows
+    quadratically; the recipes use `activation_checkpointing_enable` (every layer, or
+    `every_n_layers=2` where memory allows).
 
     Recomputing a checkpointed layer repeats its forward; in the vision tower the 6,401-token flash
     attention is the dearest part to repeat per byte kept (its output is one (6401, 1792) bf16 tensor,
