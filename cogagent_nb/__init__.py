@@ -76,6 +76,8 @@ PUBLIC_API: dict[str, str] = {
     "load_adapter": "cogagent_nb.model.peft_recipes",
     "merge_adapter": "cogagent_nb.model.peft_recipes",
     "trainable_parameters_table": "cogagent_nb.model.peft_recipes",
+    # train
+    "BackwardFusedAdamW": "cogagent_nb.train.optim",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",
