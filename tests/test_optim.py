@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -70,3 +73,12 @@ def test_bf16_states_and_bf16_weights_follow_the_fp32_adamw_loss_curve() -> None
     for curve, tolerance in ((states_bf16, 0.02), (everything_bf16, 0.05)):
         gaps = [abs(a - b) / b for a, b in zip(curve, reference, strict=True)]
         assert max(gaps) < tolerance, (curve, reference)
+
+
+def test_model_and_states_are_freed_without_removing_the_hooks() -> None:
+    """Autograd keeps the hooks where the garbage collector cannot see them: they must not pin the model."""
+    losses, model = _train("fused-bf16", steps=1)
+    weight = weakref.ref(next(p for p in model.parameters() if p.requires_grad))
+    del model
+    gc.collect()
+    assert weight() is None
