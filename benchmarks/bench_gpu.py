@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as dt
 import gc
 import json
@@ -191,6 +192,7 @@ def quantize_to_nf4(model: torch.nn.Module, device: torch.device) -> int:
 def prepare(case: Case, config: CogAgentConfig, args: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict]:
     """Model (+ optimizer) for a case; returns (model, optimizer or None, facts for the JSON)."""
     device, dtype = torch.device(args.device), args.torch_dtype
+    config = copy.deepcopy(config)  # a case may change its model's config (inference turns the cache on)
     model = build_model(config, device, dtype, args.seed, meta_init=device.type == "cuda")
     facts: dict[str, Any] = {}
     if case.method == "inference":
