@@ -90,6 +90,8 @@ PUBLIC_API: dict[str, str] = {
     "summarize_by": "cogagent_nb.infer.metrics",
     "action_confusion": "cogagent_nb.infer.metrics",
     "gui_metrics": "cogagent_nb.infer.metrics",
+    # train
+    "BackwardFusedAdamW": "cogagent_nb.train.optim",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",

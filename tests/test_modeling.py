@@ -306,7 +306,7 @@ def test_forward_backward_reaches_every_parameter(images) -> None:
     ids = torch.tensor([make_prompt(list(range(100, 130)), image_at=3)] * 2)
     labels = ids.clone()
     labels[:, :10] = -100
-    out = model(input_ids=ids, images=images[:2], labels=labels)
+    out = model(input_ids=ids, images=images[:2], labels=labels, return_logits=True)
     n = model.config.num_image_tokens
     assert out.logits.shape == (2, ids.shape[1] + n - 1, 1088)
     out.loss.backward()

@@ -1,0 +1,1 @@
+"""Fine-tuning: the official config files, Trainer, DeepSpeed, resume, and a memory-lean optimizer."""
