@@ -115,8 +115,8 @@ def tower_flops(config: CogAgentConfig, seq_len: int, batch: int) -> tuple[float
     language = 2 * (config.num_layers * layer + config.padded_vocab_size * h) * seq_len
     language += 2 * 2 * seq_len**2 * h * config.num_layers / 2
     v = config.vision_config
-    hv, fv, depth = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    hv, fv, depth = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+    tokens = (v.image_size // v.patch_size) ** 2 + 1
     vision_layer = hv * 3 * hv + hv * hv + 2 * hv * fv
     adapter = hv * 4 * h + h * h + 3 * h * f  # 2x2 conv into the language width, then the GLU
     vision = 2 * depth * vision_layer * tokens + 2 * 2 * tokens**2 * hv * depth + 2 * adapter * config.num_image_tokens

@@ -35,7 +35,7 @@ def test_9b_width_forward_and_backward_on_cuda_in_bf16() -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = CogAgentForConditionalGeneration(config).to(torch.bfloat16).train()
-    size = config.vision_config["image_size"]
+    size = config.vision_config.image_size
     text = torch.randint(0, 150000, (2, 24), generator=torch.Generator().manual_seed(0))
     specials = [config.boi_token_id, config.pad_token_id, config.eoi_token_id]
     ids = torch.cat([text[:, :4], torch.tensor([specials] * 2), text[:, 4:]], dim=1).cuda()  # (2, 27)

@@ -31,7 +31,7 @@ def _train(optimizer_kind: str, steps: int, dtype: torch.dtype = torch.float32) 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (2, 20), generator=g)
     ids[:, 3:6] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
-    size = config.vision_config["image_size"]
+    size = config.vision_config.image_size
     inputs = {"input_ids": ids, "labels": ids, "images": torch.randn(2, 3, size, size, generator=g).to(dtype)}
     params = [p for p in model.parameters() if p.requires_grad]
     hyper = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}

@@ -49,7 +49,7 @@ def batch(config: CogAgentConfig, rows: int = 2, text: int = 24, seed: int = 0) 
     ids[:, 3:6] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
     labels = torch.full_like(ids, -100)
     labels[:, -6:] = ids[:, -6:]
-    size = config.vision_config["image_size"]
+    size = config.vision_config.image_size
     return {"input_ids": ids, "labels": labels, "images": torch.randn(rows, 3, size, size, generator=g)}
 
 
