@@ -87,6 +87,7 @@ PUBLIC_API: dict[str, str] = {
     "list_checkpoints": "cogagent_nb.train.checkpoints",
     "resolve_resume": "cogagent_nb.train.checkpoints",
     "LiveLossPlot": "cogagent_nb.train.callbacks",
+    "StopAfterSteps": "cogagent_nb.train.callbacks",
     "loss_points": "cogagent_nb.train.callbacks",
     "merge_lora": "cogagent_nb.train.export",
     # inference and evaluation

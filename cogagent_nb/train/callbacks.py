@@ -147,3 +147,20 @@ def tensorboard_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+class StopAfterSteps(TrainerCallback):
+    """Stop training after `steps` optimizer steps, as an interrupted run would (lesson 06, resume tests).
+
+    Unlike lowering max_steps, the learning-rate schedule stays the one of the full run, so resuming
+    continues exactly where an uninterrupted run would be. Put a save at that step (save_steps) to
+    resume from it.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+        return control
