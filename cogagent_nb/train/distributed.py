@@ -147,6 +147,142 @@ def use_jit_cache(env: MutableMapping[str, str] | None = None) -> Path:
 
 
 # --- DeepSpeed configuration ---------------------------------------------------------------------------------
+# The official files (THUDM/GLM-4 `finetune/configs/ds_zero_2.json` and `ds_zero_3.json`; CogAgent's
+# finetune/README refers to the same two files and its sft.yaml to `configs/ds_zero_3.json`), as data so
+# that notebooks can generate and explain them and a test can check configs/*.json against them.
+# "auto" values are filled in by transformers from training_args (HfTrainerDeepSpeedConfig).
+OFFICIAL_DEEPSPEED_CONFIGS: dict[int, dict[str, Any]] = {
+    2: {
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {
+            "stage": 2,
+            "allgather_partitions": True,
+            "allgather_bucket_size": 5e8,
+            "overlap_comm": True,
+            "reduce_scatter": True,
+            "reduce_bucket_size": 5e8,
+            "contiguous_gradients": True,
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 2000,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    },
+    3: {
+        "train_micro_batch_size_per_gpu": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": "auto"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+        "zero_optimization": {
+            "stage": 3,
+            "allgather_partitions": True,
+            "allgather_bucket_size": 5e8,
+            "reduce_scatter": True,
+            "contiguous_gradients": True,
+            "overlap_comm": True,
+            "sub_group_size": 1e9,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+    },
+}
+
+# What each field of the two files means (DeepSpeed "Configuration JSON" docs, deepspeed.ai/docs/config-json/,
+# and the HF "DeepSpeed" guide for "auto"). docs/DISTRIBUTED.md shows this table; a test checks that every
+# field of both files is explained.
+DEEPSPEED_FIELDS: dict[str, str] = {
+    "train_batch_size": "global batch = micro batch x accumulation x processes; auto: from training_args",
+    "train_micro_batch_size_per_gpu": "samples per process per forward; auto: per_device_train_batch_size",
+    "gradient_accumulation_steps": "micro-batches per optimizer step; auto: gradient_accumulation_steps",
+    "gradient_clipping": "clip the global gradient norm to this; auto: max_grad_norm (0 = off)",
+    "steps_per_print": "DeepSpeed prints its own progress every N steps (2000: practically never)",
+    "wall_clock_breakdown": "time forward/backward/step separately and print it (off: it synchronises)",
+    "zero_allow_untested_optimizer": "allow an optimizer DeepSpeed has not validated with ZeRO (the Trainer's)",
+    "fp16.enabled": "fp16 mixed precision with loss scaling; auto: training_args.fp16",
+    "fp16.loss_scale": "0 = dynamic loss scaling (find the largest scale that does not overflow)",
+    "fp16.loss_scale_window": "steps without overflow before the dynamic scale is doubled",
+    "fp16.initial_scale_power": "the first loss scale is 2**16",
+    "fp16.hysteresis": "overflows tolerated before the scale is halved",
+    "fp16.min_loss_scale": "the scale never goes below 1",
+    "bf16.enabled": "bf16 mixed precision (no loss scaling needed); auto: training_args.bf16",
+    "optimizer.type": "DeepSpeed builds the optimizer itself: AdamW (FusedAdam kernel on GPU, JIT-compiled)",
+    "optimizer.params.lr": "auto: learning_rate",
+    "optimizer.params.betas": "auto: [adam_beta1, adam_beta2]",
+    "optimizer.params.eps": "auto: adam_epsilon",
+    "optimizer.params.weight_decay": "auto: weight_decay",
+    "zero_optimization.stage": "2: shard gradients + optimizer states; 3: also shard the weights",
+    "zero_optimization.allgather_partitions": "gather updated parameters with all-gather (not broadcasts)",
+    "zero_optimization.allgather_bucket_size": "elements per all-gather call (5e8: fewer, larger messages)",
+    "zero_optimization.overlap_comm": "overlap gradient reduction with the backward pass (uses more memory)",
+    "zero_optimization.reduce_scatter": "reduce gradients with reduce-scatter, each rank keeps its shard",
+    "zero_optimization.reduce_bucket_size": "elements per reduction call; auto: hidden_size**2 (ZeRO-3)",
+    "zero_optimization.contiguous_gradients": "copy gradients into one buffer as they are made (less fragmentation)",
+    "zero_optimization.sub_group_size": "parameters per optimizer-step group (bounds the fp32 working set)",
+    "zero_optimization.stage3_prefetch_bucket_size": "parameters fetched ahead of use; auto: 0.9 hidden_size**2",
+    "zero_optimization.stage3_param_persistence_threshold": "parameters smaller than this stay whole on every "
+    "rank; auto: 10 x hidden_size",
+    "zero_optimization.stage3_max_live_parameters": "at most this many gathered parameters held at once",
+    "zero_optimization.stage3_max_reuse_distance": "keep a gathered parameter if it is reused within this many",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "save_model gathers the shards into one "
+    "model.safetensors (otherwise only the ZeRO shards exist: consolidate_zero_checkpoint)",
+}
+
+
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    """A fresh copy of the official DeepSpeed config for ZeRO stage 2 or 3."""
+    import copy
+
+    if stage not in OFFICIAL_DEEPSPEED_CONFIGS:
+        raise ValueError(f"official DeepSpeed configs exist for ZeRO stages 2 and 3, not {stage}")
+    return copy.deepcopy(OFFICIAL_DEEPSPEED_CONFIGS[stage])
+
+
+def write_deepspeed_config(path: str | os.PathLike, config: Mapping[str, Any] | int) -> Path:
+    """Write a DeepSpeed config (a dict, or a stage number for the official one) as JSON; return the path."""
+    config = deepspeed_config(config) if isinstance(config, int) else config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def config_fields(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested config to dotted keys: {"zero_optimization.stage": 2, ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(config_fields(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def explain_deepspeed_config(config: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, meaning) for every field of a config; unknown fields say so."""
+    return [
+        (key, value, DEEPSPEED_FIELDS.get(key, "(not one of the official fields)"))
+        for key, value in config_fields(config).items()
+    ]
+
+
 class DeepSpeedConfigError(ValueError):
     """A DeepSpeed config that cannot be used; the message names the file."""
 
@@ -350,3 +486,47 @@ def launch(
             raise
         returncode = process.wait()
     return LaunchResult(list(command), returncode, time.perf_counter() - started, lines)
+
+
+# --- ZeRO checkpoints -> official-format model folder ---------------------------------------------------------
+def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Turn a DeepSpeed checkpoint of a full fine-tuning run into an official-format folder `cnb.load` reads.
+
+    ZeRO keeps each rank's shard of the fp32 master weights in `global_stepN/`; DeepSpeed's own
+    `zero_to_fp32` (also copied into every checkpoint as `zero_to_fp32.py`) gathers them into one state dict.
+    That dict is written as model.safetensors with the official key names, beside the checkpoint's
+    config.json, generation_config.json and tokenizer files. Works with any number of ranks and without
+    `stage3_gather_16bit_weights_on_model_save`; needs no GPU. LoRA checkpoints already hold the adapter
+    (`adapter_model.safetensors`): merge those with `cogagent-nb merge` instead.
+    """
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.loading import rotary_inv_freq, save_official_weights
+
+    checkpoint = Path(checkpoint_dir)
+    if not (checkpoint / "latest").is_file():
+        raise FileNotFoundError(f"{checkpoint}: no DeepSpeed checkpoint here (no 'latest' file naming global_stepN)")
+    if (checkpoint / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{checkpoint} is a LoRA/PEFT checkpoint: its adapter is adapter_model.safetensors; "
+            "merge it into the base model with `cogagent-nb merge` instead"
+        )
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "added_tokens.json",
+        "special_tokens_map.json",
+    ):
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out / name)
+    config = CogAgentConfig.from_pretrained(checkpoint)
+    save_official_weights(state_dict, out, inv_freq=rotary_inv_freq(config))
+    return out

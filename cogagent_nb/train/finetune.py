@@ -79,6 +79,7 @@ def build_training_args(config: FinetuneConfig, *, generation_defaults: Any = No
     from transformers import GenerationConfig, Seq2SeqTrainingArguments
 
     from cogagent_nb.train.callbacks import tensorboard_available
+    from cogagent_nb.train.distributed import prepare_distributed
 
     kwargs = dict(config.training_args)
     kwargs.setdefault("output_dir", "./output")
@@ -94,6 +95,7 @@ def build_training_args(config: FinetuneConfig, *, generation_defaults: Any = No
     deepspeed = kwargs.get("deepspeed")
     if isinstance(deepspeed, str):
         kwargs["deepspeed"] = str(resolve_relative(deepspeed, config.source))
+    kwargs = prepare_distributed(kwargs)  # process env, CPU DeepSpeed state, JIT cache (train/distributed.py)
     return Seq2SeqTrainingArguments(**kwargs)
 
 
@@ -317,7 +319,11 @@ def run_from_args(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
+    import sys
+
+    from cogagent_nb.train.distributed import consume_local_rank_argument
 
     parser = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune CogAgent (official command line).")
     add_arguments(parser)
+    argv = consume_local_rank_argument(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher's
     return run_from_args(parser.parse_args(argv))
