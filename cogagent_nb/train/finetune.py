@@ -311,7 +311,10 @@ def run_from_args(args) -> int:
         finetune(
             args.data_dir, args.model_dir, args.config_file, args.auto_resume_from_checkpoint, overrides=args.overrides
         )
-    except (ConfigError, DataCheckError, ResumeError) as err:
+    except DataCheckError as err:  # the validator's lines, as `cogagent-nb validate` prints them
+        print(err, file=sys.stderr)
+        return 2
+    except (ConfigError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
