@@ -25,19 +25,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_train_loss as loss_tests  # the train tests' loss-contract helpers (tests/ is on sys.path)
 import torch
 from safetensors.torch import load_file
 
-# The loss-contract helpers of the train tests: the same two samples, the same hand-computed reference step.
-from test_train_loss import (  # noqa: I001  (tests/ is on sys.path under pytest)
-    SGD_ONE_STEP,
-    _assert_same_update,
-    _weights_after_one_step,
-    reference,  # noqa: F401  (fixture)
-    two_samples,  # noqa: F401  (fixture)
-)
-
 from cogagent_nb.train import distributed as dist
+
+# The same two samples and hand-computed reference step as tests/test_train_loss.py, re-exported as fixtures.
+two_samples = loss_tests.two_samples
+reference = loss_tests.reference
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +65,17 @@ def test_zero2_two_processes_make_the_same_update_as_one_batch_of_two(
     tiny_model_dir, two_samples, repo_root, reference, tmp_path
 ):
     out = tmp_path / "zero2"
-    overrides = [*SGD_ONE_STEP, f"training_args.output_dir={out}", "training_args.per_device_train_batch_size=1"]
+    overrides = [
+        *loss_tests.SGD_ONE_STEP,
+        f"training_args.output_dir={out}",
+        "training_args.per_device_train_batch_size=1",
+    ]
     overrides.append("training_args.deepspeed=configs/ds_zero_2.json")
     args = _script_args(two_samples, tiny_model_dir, "configs/tiny_sft.yaml", overrides)
     result = _run(dist.torchrun_command(args, nproc_per_node=2), repo_root)
     assert any("finetune: 1 steps" in line for line in result.lines)
     assert (out / "checkpoint-1" / "global_step1").is_dir(), "a DeepSpeed checkpoint (ZeRO shards) was written"
-    _assert_same_update(_weights_after_one_step(out), reference, "ZeRO-2, 2 processes x batch 1")
+    loss_tests._assert_same_update(loss_tests._weights_after_one_step(out), reference, "ZeRO-2, 2 processes x batch 1")
 
 
 def test_zero2_lora_resume_is_exact(tiny_model_dir, tiny_train_data, repo_root, tmp_path):
