@@ -63,12 +63,15 @@ def zero_memory(total_params: int, trainable_params: int, *, stage: int, world_s
     return ZeroMemory(stage, world_size, weights, gradients, optimizer)
 
 
-def parameter_counts(preset: str = "cogagent-9b-20241220", *, lora_rank: int | None = None) -> tuple[int, int]:
+def parameter_counts(
+    preset: str = "cogagent-9b-20241220", *, lora_rank: int | None = None, freeze_vision: bool = False
+) -> tuple[int, int]:
     """(total parameters, trainable parameters) of a model preset, counted without allocating it.
 
-    The model is built on the `meta` device (shapes only). lora_rank=None: full fine-tuning (all trainable);
-    otherwise LoRA of that rank on every `query_key_value` (the official lora.yaml scope), counted as
-    r x (in + out) per adapted linear layer.
+    The model is built on the `meta` device (shapes only). lora_rank=None: full fine-tuning, everything
+    trains except the vision tower when `freeze_vision` (freezeV: true, the official sft.yaml); otherwise
+    LoRA of that rank on every `query_key_value` (the official lora.yaml scope), counted as r x (in + out)
+    per adapted linear layer.
     """
     import torch
 
@@ -79,7 +82,8 @@ def parameter_counts(preset: str = "cogagent-9b-20241220", *, lora_rank: int | N
         model = CogAgentForConditionalGeneration(CogAgentConfig.from_preset(preset))
     total = sum(p.numel() for p in model.parameters())
     if lora_rank is None:
-        return total, total
+        frozen = sum(p.numel() for p in model.transformer.vision.parameters()) if freeze_vision else 0
+        return total, total - frozen
     adapted = [m for name, m in model.named_modules() if name.endswith("query_key_value")]
     lora = sum(lora_rank * (m.in_features + m.out_features) for m in adapted)
     return total + lora, lora
