@@ -405,6 +405,18 @@ def torchrun_command(
     return command + [str(script), *map(str, script_args)]
 
 
+def shell_form(command: Sequence[str]) -> str:
+    """The command as a person types it: `torchrun ...` / `deepspeed ...` instead of the interpreter paths."""
+    import shlex
+
+    parts = list(command)
+    if parts[:3] == [sys.executable, "-m", "torch.distributed.run"]:
+        parts = ["torchrun", *parts[3:]]
+    elif parts and Path(parts[0]).name == "deepspeed":
+        parts[0] = "deepspeed"
+    return shlex.join(parts)
+
+
 def deepspeed_command(
     script_args: Sequence[str],
     *,

@@ -26,6 +26,7 @@ WEIGHT_BYTES = 2  # bf16
 GRADIENT_BYTES = 2  # bf16
 OPTIMIZER_BYTES = 12  # fp32 master copy + Adam m + Adam v
 GIB = 1024**3
+BYTES_PER_PARAMETER = {"weights": WEIGHT_BYTES, "gradients": GRADIENT_BYTES, "optimizer": OPTIMIZER_BYTES}
 
 
 @dataclass(frozen=True)
@@ -117,33 +118,41 @@ def plot_zero_memory(
     title: str | None = None,
     ax=None,
 ):
-    """Stacked bars of model-state GiB per GPU for stages 0-3 on 1 and `world_size` GPUs; returns the figure.
+    """Stacked bars of model-state GiB per GPU: one GPU, then ZeRO stages 0-3 on `world_size` GPUs.
 
-    gpu_gib draws the memory of one GPU as a dashed line (80 for an A100/H100 80 GB; None for none).
+    (On one GPU every stage is the same: there is nobody to share with.) gpu_gib draws the memory of one
+    GPU as a dashed line (80 for an A100/H100 80 GB; None for none). Returns the figure.
     """
     import matplotlib.pyplot as plt
 
     if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 3.8))
+        fig, ax = plt.subplots(figsize=(7, 3.8))
     else:
         fig = ax.figure
-    labels, parts = [], {"weights": [], "gradients": [], "optimizer": []}
-    for gpus in (1, world_size):
-        for stage in (0, 1, 2, 3):
-            memory = zero_memory(total_params, trainable_params, stage=stage, world_size=gpus)
-            labels.append(f"ZeRO-{stage}\n{gpus} GPU{'s' if gpus > 1 else ''}")
-            for part in parts:
-                parts[part].append(getattr(memory, part) / GIB)
+    cases = [(0, 1)] + [(stage, world_size) for stage in (0, 1, 2, 3)]
+    labels = ["1 GPU"] + [f"ZeRO-{stage}\n{world_size} GPUs" for stage in (0, 1, 2, 3)]
+    parts: dict[str, list[float]] = {"weights": [], "gradients": [], "optimizer": []}
+    for stage, gpus in cases:
+        memory = zero_memory(total_params, trainable_params, stage=stage, world_size=gpus)
+        for part in parts:
+            parts[part].append(getattr(memory, part) / GIB)
     bottom = [0.0] * len(labels)
     colours = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#55a868"}
     for part, values in parts.items():
-        ax.bar(labels, values, bottom=bottom, label=part, color=colours[part])
+        ax.bar(
+            labels,
+            values,
+            bottom=bottom,
+            label=f"{part} ({BYTES_PER_PARAMETER[part]} bytes per parameter)",
+            color=colours[part],
+        )
         bottom = [b + v for b, v in zip(bottom, values)]
     for x, height in enumerate(bottom):
-        ax.text(x, height, f"{height:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.text(x, height, f"{height:.1f}", ha="center", va="bottom", fontsize=8)
     if gpu_gib is not None:
         ax.axhline(gpu_gib, color="grey", linestyle="--", linewidth=1)
-        ax.text(len(labels) - 0.5, gpu_gib, f"{gpu_gib:.0f} GiB GPU", ha="right", va="bottom", fontsize=8)
+        ax.text(-0.4, gpu_gib, f"one {gpu_gib:.0f} GiB GPU", ha="left", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(max(bottom), gpu_gib or 0) * 1.15)
     ax.set_ylabel("GiB per GPU (model states)")
     ax.set_title(title or f"{total_params / 1e9:.1f} B parameters, {trainable_params / 1e9:.3g} B trainable")
     ax.legend(loc="upper right", fontsize=8)
