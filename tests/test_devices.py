@@ -170,3 +170,21 @@ def test_broken_device_plugin_cannot_break_import_torch(tmp_path: Path, repo_roo
         text=True,
     )
     assert guarded.returncode == 0, guarded.stderr[-2000:]
+
+
+def test_npu_request_from_the_environment():
+    assert devices.npu_request({}) is None
+    assert devices.npu_request({"COGAGENT_NB_NPU": "1"}) is True
+    assert devices.npu_request({"COGAGENT_NB_NPU": "no"}) is False
+    with pytest.raises(ValueError, match="COGAGENT_NB_NPU='maybe'"):
+        devices.npu_request({"COGAGENT_NB_NPU": "maybe"})
+
+
+def test_prepare_distributed_enables_a_requested_npu_and_fails_loudly_without_one(monkeypatch):
+    from cogagent_nb.train import distributed
+
+    monkeypatch.setenv("COGAGENT_NB_NPU", "1")
+    monkeypatch.setattr(devices, "npu_installed", lambda: False)
+    monkeypatch.setattr(devices.importlib, "import_module", importer_for(fail=OSError("libascendcl.so missing")))
+    with pytest.raises(RuntimeError, match="NPU was requested.*libascendcl.so"):
+        distributed.prepare_distributed({"output_dir": "out"})

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal
@@ -88,12 +88,13 @@ def npu_installed() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
-def npu_status(*, importer: Importer = importlib.import_module, apply_transfer: bool = False) -> NpuStatus:
+def npu_status(*, importer: Importer | None = None, apply_transfer: bool = False) -> NpuStatus:
     """Import torch_npu (and optionally `transfer_to_npu`) and say whether an NPU can be used.
 
-    `importer` is `importlib.import_module`; tests pass a fake to exercise each failure without CANN.
+    `importer` defaults to `importlib.import_module`; tests pass a fake to exercise each failure without CANN.
     Never raises for a missing or broken install: the reason names what is missing.
     """
+    importer = importer or importlib.import_module
     try:
         torch_npu = importer("torch_npu")
     except ModuleNotFoundError as error:
@@ -139,7 +140,26 @@ def npu_status(*, importer: Importer = importlib.import_module, apply_transfer: 
     return NpuStatus(True, f"{count} Ascend NPU{'s' if count != 1 else ''} found", count, transfer)
 
 
-def enable_npu(use_npu: bool | None = None, *, importer: Importer = importlib.import_module) -> NpuStatus:
+NPU_REQUEST_ENV = "COGAGENT_NB_NPU"
+
+
+def npu_request(env: Mapping[str, str] | None = None) -> bool | None:
+    """What the user asked for in COGAGENT_NB_NPU: "1"/"yes" require an NPU, "0"/"no" never use one, unset = auto.
+
+    `finetune.py` has no flag of its own for this (its command line is the official one), so the choice is an
+    environment variable: `COGAGENT_NB_NPU=1 torchrun ... finetune.py ...`.
+    """
+    value = (os.environ if env is None else env).get(NPU_REQUEST_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{NPU_REQUEST_ENV}={value!r}: use 1 (require an NPU), 0 (never) or leave it unset (auto)")
+
+
+def enable_npu(use_npu: bool | None = None, *, importer: Importer | None = None) -> NpuStatus:
     """Apply the official two lines (`import torch_npu`; `from torch_npu.contrib import transfer_to_npu`).
 
     use_npu: True = the user asks for the NPU, so its absence is an error that says what is missing;
@@ -148,7 +168,7 @@ def enable_npu(use_npu: bool | None = None, *, importer: Importer = importlib.im
     """
     if use_npu is False:
         return NpuStatus(False, "NPU not requested")
-    if use_npu is None and importer is importlib.import_module and not npu_installed():
+    if use_npu is None and importer is None and not npu_installed():
         return NpuStatus(False, "torch_npu is not installed")  # the common case: do not even try
     status = npu_status(importer=importer, apply_transfer=True)
     if use_npu and not status.available:
@@ -156,7 +176,7 @@ def enable_npu(use_npu: bool | None = None, *, importer: Importer = importlib.im
     return status
 
 
-def detect_device(use_npu: bool | None = None, *, importer: Importer = importlib.import_module) -> DeviceReport:
+def detect_device(use_npu: bool | None = None, *, importer: Importer | None = None) -> DeviceReport:
     """Decide the training device in the order NPU (if asked or found), CUDA, MPS, CPU.
 
     The NPU comes first because `transfer_to_npu` makes `torch.cuda` answer for the NPU; checking CUDA
@@ -197,16 +217,16 @@ def device_report(use_npu: bool | None = None) -> str:
     return str(detect_device(use_npu))
 
 
-def _npu_name(importer: Importer) -> str:
+def _npu_name(importer: Importer | None) -> str:
     try:
-        return str(importer("torch_npu").npu.get_device_name(0))
+        return str((importer or importlib.import_module)("torch_npu").npu.get_device_name(0))
     except (AttributeError, *NPU_IMPORT_ERRORS):
         return "Ascend NPU"
 
 
-def _npu_bf16(importer: Importer) -> bool:
+def _npu_bf16(importer: Importer | None) -> bool:
     """bf16 is supported on Ascend 910B and later, not on 910A / 310 (docs/NPU.md)."""
     try:
-        return bool(importer("torch_npu").npu.is_bf16_supported())
+        return bool((importer or importlib.import_module)("torch_npu").npu.is_bf16_supported())
     except (AttributeError, *NPU_IMPORT_ERRORS):
         return False

@@ -325,9 +325,13 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
     """Prepare this process for the Trainer described by `training_args`; return the arguments to use.
 
     Call once per process, before `Seq2SeqTrainingArguments(**returned)`. See the module docstring for the
-    three cases handled. The input is not modified.
+    three cases handled. First, an Ascend NPU is enabled when one is found or COGAGENT_NB_NPU=1 asks for
+    it (train/devices.py). The input is not modified.
     """
+    from cogagent_nb.train.devices import enable_npu, npu_request
+
     args = dict(training_args)
+    enable_npu(npu_request())  # the official two torch_npu lines, when an NPU is asked for or found
     info = launch_info()
     on_cpu = not accelerator_available() or bool(args.get("use_cpu"))
     if args.get("deepspeed"):
