@@ -76,6 +76,7 @@ PUBLIC_API: dict[str, str] = {
     "load_adapter": "cogagent_nb.model.peft_recipes",
     "merge_adapter": "cogagent_nb.model.peft_recipes",
     "trainable_parameters_table": "cogagent_nb.model.peft_recipes",
+    "adapted_modules": "cogagent_nb.model.peft_recipes",
     # training
     "FinetuneConfig": "cogagent_nb.train.config",
     "load_config": "cogagent_nb.train.config",
@@ -90,6 +91,10 @@ PUBLIC_API: dict[str, str] = {
     "StopAfterSteps": "cogagent_nb.train.callbacks",
     "loss_points": "cogagent_nb.train.callbacks",
     "merge_lora": "cogagent_nb.train.export",
+    "plot_parameter_tables": "cogagent_nb.train.report",
+    "plot_loss_curves": "cogagent_nb.train.report",
+    "preview_answers": "cogagent_nb.train.report",
+    "mean_answer_loss": "cogagent_nb.train.report",
     # inference and evaluation
     "GuiScore": "cogagent_nb.infer.metrics",
     "score_answer": "cogagent_nb.infer.metrics",
