@@ -82,6 +82,7 @@ PUBLIC_API: dict[str, str] = {
     "load_adapter": "cogagent_nb.model.peft_recipes",
     "merge_adapter": "cogagent_nb.model.peft_recipes",
     "trainable_parameters_table": "cogagent_nb.model.peft_recipes",
+    "adapted_modules": "cogagent_nb.model.peft_recipes",
     # training
     "FinetuneConfig": "cogagent_nb.train.config",
     "load_config": "cogagent_nb.train.config",
@@ -96,6 +97,10 @@ PUBLIC_API: dict[str, str] = {
     "StopAfterSteps": "cogagent_nb.train.callbacks",
     "loss_points": "cogagent_nb.train.callbacks",
     "merge_lora": "cogagent_nb.train.export",
+    "plot_parameter_tables": "cogagent_nb.train.report",
+    "plot_loss_curves": "cogagent_nb.train.report",
+    "preview_answers": "cogagent_nb.train.report",
+    "mean_answer_loss": "cogagent_nb.train.report",
     # training: devices, processes, DeepSpeed
     "detect_device": "cogagent_nb.train.devices",
     "device_report": "cogagent_nb.train.devices",

@@ -1,0 +1,89 @@
+"""The official lora.yaml runs as it is (only max_steps/eval_steps/output_dir overridden) through
+`cogagent-nb finetune`, evaluates by generation with the GUI metrics, and leaves outputs that are usable
+at once: a loss curve, a summary line, an adapter that `cnb.load(base, adapter=)` reads and that
+`cogagent-nb merge` folds into a complete official-format model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogagent_nb.train.config import load_config
+
+
+@pytest.fixture(scope="module")
+def official_lora_run(tiny_model_dir, tiny_train_data, repo_root, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("official-lora") / "output"
+    command = [sys.executable, "-m", "cogagent_nb", "finetune", str(tiny_train_data), str(tiny_model_dir)]
+    command += ["configs/lora.yaml", "no"]
+    for override in ("training_args.max_steps=2", "training_args.eval_steps=2", f"training_args.output_dir={out}"):
+        command += ["--set", override]
+    command += ["--set", "training_args.generation_config.max_new_tokens=16"]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_the_official_lora_file_trains_evaluates_and_summarises(official_lora_run):
+    out, stdout = official_lora_run
+    assert stdout.startswith("# resolved config (configs/lora.yaml)")
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("finetune: 2 steps in ") and "final loss" in summary
+    assert summary.endswith(f"LoRA adapter saved to {out / 'checkpoint-2'}")
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [2]  # logging_steps 10, plus the last step
+    evals = [e for e in history if "eval_parse_rate" in e]
+    assert evals and {"eval_type_accuracy", "eval_click_in_box", "eval_step_success"} <= set(evals[0])
+    assert "test (dev.jsonl): test_n=4" in stdout  # test_file predicted once after training
+
+
+def test_the_adapter_loads_with_cnb_load_and_merges_into_an_official_model(
+    official_lora_run, tiny_model_dir, repo_root
+):
+    from cogagent_nb.model.loading import load
+
+    out, _ = official_lora_run
+    adapter = out / "checkpoint-2"
+    tokenizer, adapted = load(tiny_model_dir, adapter=adapter)
+    assert type(adapted).__name__ == "PeftModelForCausalLM"
+    merged_dir = out / "merged"
+    command = [sys.executable, "-m", "cogagent_nb", "merge", str(tiny_model_dir), str(adapter), str(merged_dir)]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["architectures"] == ["ChatGLMForConditionalGeneration"] and config["model_type"] == "chatglm"
+    assert (merged_dir / "tokenizer.model").is_file() and (merged_dir / "generation_config.json").is_file()
+    merged_tokenizer, merged = load(merged_dir)
+    ids = torch.tensor([[tokenizer.gmask_id, tokenizer.sop_id, tokenizer.user_id, 5, 6, 7, tokenizer.assistant_id]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    assert merged_tokenizer.encode_text("Click OK") == tokenizer.encode_text("Click OK")
+    base_logits = load(tiny_model_dir)[1](input_ids=ids).logits
+    assert not torch.allclose(base_logits, merged(input_ids=ids).logits, atol=1e-5), "training changed nothing"
+
+
+def _rows(table) -> dict[str, tuple[int, int]]:
+    return {part: (t, n) for part, t, n in table.rows}
+
+
+def test_freeze_v_and_lora_scope_decide_what_trains(tiny_model_dir, repo_root):
+    from cogagent_nb.model.peft_recipes import trainable_parameters_table
+    from cogagent_nb.train.finetune import build_model
+
+    sft = load_config(repo_root / "configs" / "tiny_sft.yaml")
+    rows = _rows(trainable_parameters_table(build_model(tiny_model_dir, sft, echo=False)[1]))
+    for part, (trainable, total) in rows.items():
+        expected = 0 if part.startswith("vision") else total
+        assert trainable == expected, f"freezeV=true, full fine-tuning: {part} has {trainable}/{total} trainable"
+    lora = load_config(repo_root / "configs" / "tiny_lora.yaml", ["lora_scope=language"])
+    rows = _rows(trainable_parameters_table(build_model(tiny_model_dir, lora, echo=False)[1]))
+    assert "LoRA adapters, vision tower" not in rows and rows["LoRA adapters, language model"][0] > 0
+    both = load_config(repo_root / "configs" / "tiny_lora.yaml", ["freezeV=true"])
+    rows = _rows(trainable_parameters_table(build_model(tiny_model_dir, both, echo=False)[1]))
+    assert rows["LoRA adapters, vision tower"][0] == 0, "freezeV after PEFT freezes the vision adapters too"
