@@ -5,9 +5,9 @@ with the official configs/ds_zero_{2,3}.json:
 
 - ZeRO-2, torchrun --standalone: one SGD step of 2 processes x batch 1 moves the weights exactly as the
   hand-computed step on both samples (the loss contract holds under DeepSpeed's gradient reduction).
-- ZeRO-2 LoRA, exact resume: a run resumed from its step-2 checkpoint under the `deepspeed` launcher logs
-  the same losses, bit for bit, as the run that never stopped (per-rank RNG, data order, scheduler, optimizer
-  shards).
+- ZeRO-2 exact resume: a run resumed from its step-2 checkpoint logs the same losses, bit for bit, as the
+  run that never stopped (per-rank RNG, data order, scheduler, optimizer shards): LoRA on 2 processes, resumed
+  under the `deepspeed` launcher; full fine-tuning in a single process started without any launcher.
 - ZeRO-3 full fine-tuning under the multi-node rendezvous form (`--rdzv_backend=c10d
   --rdzv_endpoint=127.0.0.1:PORT`, loopback only): the sharded checkpoint is consolidated into an
   official-format folder that `cnb.load` reads, holding the trained weights.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,14 +79,32 @@ def test_zero2_two_processes_make_the_same_update_as_one_batch_of_two(
     loss_tests._assert_same_update(loss_tests._weights_after_one_step(out), reference, "ZeRO-2, 2 processes x batch 1")
 
 
-def test_zero2_lora_resume_is_exact(tiny_model_dir, tiny_train_data, repo_root, tmp_path):
+def _single_process(args: list[str]) -> list[str]:
+    """`python finetune.py ...`: no launcher, so prepare_distributed sets RANK/WORLD_SIZE/MASTER_* itself."""
+    return [sys.executable, "finetune.py", *args]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "first", "second", "saved"),
+    [
+        # LoRA, 2 processes: straight under torchrun, resumed under the deepspeed launcher
+        ("tiny_lora", "torchrun", "deepspeed", "adapter_model.safetensors"),
+        # full fine-tuning, 1 process without a launcher (DeepSpeed still partitions, over a group of one)
+        ("tiny_sft", "python", "python", "model.safetensors"),
+    ],
+)
+def test_zero2_resume_is_exact(recipe, first, second, saved, tiny_model_dir, tiny_train_data, repo_root, tmp_path):
+    launchers = {
+        "torchrun": lambda args: dist.torchrun_command(args, nproc_per_node=2),
+        "deepspeed": lambda args: dist.deepspeed_command(args, num_gpus=2, master_port=dist.free_port()),
+        "python": _single_process,
+    }
+    config = f"configs/{recipe}.yaml"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = [*QUIET, "training_args.max_steps=4", "training_args.save_steps=2", "training_args.save_total_limit=3"]
     common += ["training_args.per_device_train_batch_size=1", "training_args.deepspeed=configs/ds_zero_2.json"]
-    args = _script_args(
-        tiny_train_data, tiny_model_dir, "configs/tiny_lora.yaml", [*common, f"training_args.output_dir={straight}"]
-    )
-    _run(dist.torchrun_command(args, nproc_per_node=2), repo_root)
+    args = _script_args(tiny_train_data, tiny_model_dir, config, [*common, f"training_args.output_dir={straight}"])
+    _run(launchers[first](args), repo_root)
     want = _losses(straight)
     assert [step for step, _ in want] == [1, 2, 3, 4]
     assert len({loss for _, loss in want}) == 4, "the losses must change, or the comparison proves nothing"
@@ -94,17 +113,14 @@ def test_zero2_lora_resume_is_exact(tiny_model_dir, tiny_train_data, repo_root, 
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     args = _script_args(
-        tiny_train_data,
-        tiny_model_dir,
-        "configs/tiny_lora.yaml",
-        [*common, f"training_args.output_dir={resumed}"],
-        resume="yes",
+        tiny_train_data, tiny_model_dir, config, [*common, f"training_args.output_dir={resumed}"], resume="yes"
     )
-    result = _run(dist.deepspeed_command(args, num_gpus=2, master_port=dist.free_port()), repo_root)
+    result = _run(launchers[second](args), repo_root)
     assert any("resuming from" in line and "checkpoint-2" in line for line in result.lines)
     got = _losses(resumed)
     assert got == want, f"resumed {got} != uninterrupted {want}"  # exact floats, every step
-    assert (resumed / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert (resumed / "checkpoint-4" / saved).is_file()
+    assert (resumed / "checkpoint-4" / "global_step4").is_dir(), "the resumed run saved DeepSpeed state too"
 
 
 def test_zero3_full_finetune_over_rendezvous_consolidates_to_an_official_folder(
