@@ -107,6 +107,12 @@ def test_prepare_distributed_on_gpu_changes_nothing_but_the_env(monkeypatch):
     assert dist.prepare_distributed(given) == given
 
 
+def test_deepspeed_with_use_cpu_on_a_gpu_machine_is_an_error_that_says_what_to_set(monkeypatch):
+    monkeypatch.setattr(dist, "accelerator_available", lambda: True)
+    with pytest.raises(dist.DeepSpeedConfigError, match="--set training_args.use_cpu=false"):
+        dist.prepare_distributed({"output_dir": "out", "deepspeed": "ds.json", "use_cpu": True})
+
+
 def test_prepare_distributed_plain_ddp_on_cpu_uses_gloo(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

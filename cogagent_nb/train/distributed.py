@@ -333,7 +333,15 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
     args = dict(training_args)
     enable_npu(npu_request())  # the official two torch_npu lines, when an NPU is asked for or found
     info = launch_info()
-    on_cpu = not accelerator_available() or bool(args.get("use_cpu"))
+    has_accelerator = accelerator_available()
+    on_cpu = not has_accelerator or bool(args.get("use_cpu"))
+    if args.get("deepspeed") and args.get("use_cpu") and has_accelerator:
+        # DeepSpeed picks its accelerator by itself (CUDA whenever one is visible), so it cannot be kept on the CPU
+        raise DeepSpeedConfigError(
+            "training_args.use_cpu=true with DeepSpeed on a machine with a GPU/NPU: DeepSpeed would still use the "
+            "accelerator. Set training_args.use_cpu=false (the tiny configs pin it to true: "
+            "--set training_args.use_cpu=false), or hide the GPUs (CUDA_VISIBLE_DEVICES=)"
+        )
     if args.get("deepspeed"):
         if not info.launched:
             single_process_env()
