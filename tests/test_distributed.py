@@ -157,6 +157,13 @@ def test_launch_streams_lines_and_reports_failure(capsys):
         result.check()
 
 
+def test_launch_stops_a_silent_process_at_the_timeout():
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    code += "time.sleep(60)"  # a launcher with a worker, both silent
+    with pytest.raises(TimeoutError, match="ran longer than 1.5 s"):
+        dist.launch([sys.executable, "-c", code], echo=False, timeout=1.5)
+
+
 def test_zero_memory_arithmetic_of_the_paper():
     # ZeRO paper, figure 1: 7.5 B parameters, 64 GPUs, K = 12: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB per GPU
     psi, n = 7.5e9, 64

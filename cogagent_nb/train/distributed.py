@@ -15,9 +15,9 @@ in the one place where the Trainer's arguments are built (`cogagent_nb.train.fin
    always creates a process group, and without a launcher it would look for MPI. The HF DeepSpeed guide
    ("Deployment in Notebooks") sets RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR, MASTER_PORT by hand;
    `single_process_env()` does that, with a free port so that two runs on one machine do not collide.
-2. DeepSpeed on CPU: transformers builds accelerate's `PartialState` with DeepSpeed only on an accelerator
-   (`TrainingArguments._setup_devices`; `PartialState._prepare_backend` finds no backend on a CPU without
-   LOCAL_RANK handling for DeepSpeed). So on a CPU this module creates the state first, with
+2. DeepSpeed on CPU: `TrainingArguments._setup_devices` builds accelerate's `PartialState` without a
+   backend, and `PartialState._prepare_backend` chooses one only for an accelerator (nccl, hccl, ...), so on
+   a CPU no process group would be made for DeepSpeed. This module creates the state first, with
    `ACCELERATE_USE_DEEPSPEED=true` and `PartialState(backend="gloo")`, and asks the Trainer to use it
    (`accelerator_config={"use_configured_state": True}`). DeepSpeed's CPU accelerator then runs ZeRO over
    gloo and JIT-compiles one small C++ op (`deepspeed_shm_comm`, shared-memory all-reduce) on first use,
@@ -476,10 +476,12 @@ def launch(
 
     `env` entries are added to this process's environment (OMP_NUM_THREADS=1 is the default, as in the
     official README: each process would otherwise start one thread per core and they would fight).
-    `echo=False` keeps the lines silent (tests); a notebook sees them live.
+    `echo=False` keeps the lines silent (tests); a notebook sees them live. After `timeout` seconds, or on
+    an interrupt, the launcher and its workers (one process group) are killed and the error is raised.
     """
     import signal
     import subprocess
+    import threading
     import time
 
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -497,19 +499,34 @@ def launch(
         start_new_session=True,
     ) as process:
         assert process.stdout is not None
+
+        def stop() -> None:  # the launcher and every worker it started share its process group
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, stop) if timeout is not None else None
+        if timer is not None:
+            timer.start()
         try:
-            for line in process.stdout:
+            for line in process.stdout:  # ends when every process holding the pipe has exited or was killed
                 line = line.rstrip("\n")
                 lines.append(line)
                 if echo:
                     print(line, flush=True)
-                if timeout is not None and time.perf_counter() - started > timeout:
-                    raise TimeoutError(f"{command[0]} ran longer than {timeout} s")
-        except BaseException:  # a timeout or a notebook interrupt: stop the launcher and its workers
-            os.killpg(process.pid, signal.SIGKILL)
+        except BaseException:  # a notebook interrupt: do not leave workers behind
+            stop()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         returncode = process.wait()
-    return LaunchResult(list(command), returncode, time.perf_counter() - started, lines)
+    seconds = time.perf_counter() - started
+    if timeout is not None and seconds >= timeout and returncode < 0:
+        tail = "\n".join(lines[-20:])
+        raise TimeoutError(f"{shell_form(command)} ran longer than {timeout} s and was stopped; last lines:\n{tail}")
+    return LaunchResult(list(command), returncode, seconds, lines)
 
 
 # --- ZeRO checkpoints -> official-format model folder ---------------------------------------------------------
