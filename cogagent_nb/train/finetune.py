@@ -38,7 +38,8 @@ class FinetuneResult:
 
     output_dir: Path
     checkpoint: Path | None  # the last checkpoint written (adapter or full model, + optimizer state)
-    steps: int
+    steps: int  # the last optimizer step (global step)
+    first_step: int  # the step this run started after (0, or the resumed checkpoint's step)
     seconds: float
     final_loss: float | None
     losses: list[tuple[int, float]]  # (step, training loss) at every logging step
@@ -47,12 +48,14 @@ class FinetuneResult:
     peft_type: str | None
 
     def summary(self) -> str:
-        per_step = self.seconds / max(self.steps, 1)
+        ran = self.steps - self.first_step
+        per_step = self.seconds / max(ran, 1)
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
         what = {"LORA": "LoRA adapter", "PREFIX_TUNING": "prefix-tuning adapter"}.get(self.peft_type, "full model")
         where = self.checkpoint if self.checkpoint is not None else "(nothing saved: save_strategy is no)"
+        steps = f"{ran} steps" if not self.first_step else f"{ran} steps ({self.first_step + 1}-{self.steps})"
         return (
-            f"finetune: {self.steps} steps in {self.seconds:.1f} s ({per_step:.2f} s/step), "
+            f"finetune: {steps} in {self.seconds:.1f} s ({per_step:.2f} s/step), "
             f"final loss {loss}; {what} saved to {where}"
         )
 
@@ -86,6 +89,7 @@ def build_training_args(config: FinetuneConfig, *, generation_defaults: Any = No
     kwargs.setdefault("remove_unused_columns", False)
     kwargs.setdefault("report_to", ["tensorboard"] if tensorboard_available() else "none")
     kwargs.setdefault("disable_tqdm", True)  # callbacks.ProgressCallback draws the bar
+    kwargs.setdefault("ddp_find_unused_parameters", False)  # every trainable parameter is used in each forward
     generation = kwargs.get("generation_config")
     if isinstance(generation, dict) or generation_defaults is not None:
         base = generation_defaults.to_dict() if generation_defaults is not None else {}
@@ -119,7 +123,8 @@ def model_dtype(config: FinetuneConfig):
 
     if config.dtype != "auto":
         return config.dtype
-    return torch.bfloat16 if torch.cuda.is_available() else None
+    on_gpu = torch.cuda.is_available() and not config.training_args.get("use_cpu", False)
+    return torch.bfloat16 if on_gpu else None
 
 
 def build_model(model_dir: str | os.PathLike, config: FinetuneConfig, *, echo: bool = True):
@@ -247,6 +252,7 @@ def finetune(
         output_dir=Path(args.output_dir),
         checkpoint=saved[-1][1] if saved else None,
         steps=trainer.state.global_step,
+        first_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0,
         seconds=seconds,
         final_loss=trainer.step_losses[-1][1] if trainer.step_losses else None,
         losses=list(trainer.step_losses),
