@@ -20,6 +20,16 @@ import pytest
 from cogagent_nb.train import devices
 
 
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """prepare_distributed writes os.environ (RANK, MASTER_PORT, TORCH_EXTENSIONS_DIR ...) on purpose; put it back,
+    or later tests in this session would believe they run inside a launcher (and use a stale port)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 class FakeNpu:
     """torch_npu.npu of a machine with `count` NPUs."""
 

@@ -6,6 +6,7 @@ The real DeepSpeed runs (2 processes over gloo) are in test_distributed_deepspee
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -14,6 +15,16 @@ import pytest
 
 from cogagent_nb.train import distributed as dist
 from cogagent_nb.train import zero_memory as zm
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """prepare_distributed writes os.environ (RANK, MASTER_PORT, TORCH_EXTENSIONS_DIR ...) on purpose; put it back,
+    or later tests in this session would believe they run inside a launcher (and use a stale port)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_launch_info_reads_the_launcher_variables():
@@ -92,8 +103,6 @@ def test_prepare_distributed_on_cpu_with_deepspeed(monkeypatch, tmp_path):
     assert args["accelerator_config"] == {"split_batches": False, "use_configured_state": True}
     assert "use_configured_state" not in given["accelerator_config"], "the input must not be modified"
     assert calls == ["state"]
-    import os
-
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"]
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "cogagent_nb" / "torch_extensions")
 
