@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +186,12 @@ class CogAgentTrainer(Seq2SeqTrainer):
         staging_root = run_dir / f"{checkpoints.STAGING_PREFIX}{step}"
         final = run_dir / f"{checkpoints.PREFIX}{step}"
         limit = self.args.save_total_limit
-        original_get_output_dir = self._get_output_dir
         self._get_output_dir = lambda trial=None: str(staging_root)  # the stock save writes staging/checkpoint-N
         self.args.save_total_limit = None  # rotation happens after publishing, in run_dir
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._get_output_dir = original_get_output_dir
+            del self._get_output_dir  # the class's method again
             self.args.save_total_limit = limit
         checkpoints.fault_injection("save", step)
         self.accelerator.wait_for_everyone()
@@ -214,8 +214,6 @@ class CogAgentTrainer(Seq2SeqTrainer):
         best = self.state.best_model_checkpoint
         removable = [path for _, path in found if str(path) != best]
         for path in removable[: max(len(found) - limit, 0)]:
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
 
 
