@@ -146,3 +146,33 @@ def test_gradient_checkpointing_changes_memory_not_losses(tiny_model_dir, tiny_t
     steps = [[s for s, _ in runs[flag]] for flag in runs]
     assert steps == [[1, 2], [1, 2]]
     assert [loss for _, loss in runs["true"]] == pytest.approx([loss for _, loss in runs["false"]], rel=1e-6)
+
+
+def test_bf16_weights_train_in_bf16(tiny_model_dir, tiny_train_data, repo_root, tmp_path):
+    """dtype bfloat16 (what `auto` picks on a GPU): the weights stay bf16 through a step, no fp32 copy."""
+    from transformers import TrainerCallback
+
+    from cogagent_nb.train.finetune import finetune
+
+    dtypes = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            dtypes.append({p.dtype for p in model.parameters()})
+            dtypes.append({s.dtype for group in optimizer.state.values() for s in group.values() if s.dim() > 0})
+
+    result = finetune(
+        tiny_train_data,
+        tiny_model_dir,
+        repo_root / "configs" / "tiny_sft.yaml",
+        overrides=[
+            "dtype=bfloat16",
+            "training_args.max_steps=1",
+            "training_args.save_strategy=no",
+            "data_config.test_file=null",
+            f"training_args.output_dir={tmp_path}",
+        ],
+        callbacks=[Probe()],
+    )
+    assert dtypes == [{torch.bfloat16}, {torch.bfloat16}], dtypes
+    assert result.final_loss is not None and 5 < result.final_loss < 9
