@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,5 +132,9 @@ def test_bad_data_stops_the_run_before_the_model_loads(tmp_path, repo_root):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "# resolved config" in done.stdout  # printed first
     errors = [line for line in done.stderr.splitlines() if "train.jsonl:" in line]
-    assert errors and all(line.split(":")[2].isdigit() for line in errors[:1]), done.stderr[-2000:]
+    assert errors, done.stderr[-2000:]
+    assert all(re.match(r".*train\.jsonl:\d+: [\w\[\].]+: ", line) for line in errors), (
+        errors
+    )  # FILE:LINE: field: message
+    assert "error(s) in the data" in done.stderr
     assert "no-model" not in done.stderr  # the model folder was never opened
