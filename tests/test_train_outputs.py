@@ -176,3 +176,21 @@ def test_bf16_weights_train_in_bf16(tiny_model_dir, tiny_train_data, repo_root, 
     )
     assert dtypes == [{torch.bfloat16}, {torch.bfloat16}], dtypes
     assert result.final_loss is not None and 5 < result.final_loss < 9
+
+
+def test_gui_metrics_count_each_eval_sample_once():
+    """Distributed evaluation pads the last batch with repeated samples; the metrics must not count them twice."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cogagent_nb.train.trainer import compute_gui_metrics
+
+    right = "Action: Open Mail.\nGrounded Operation: CLICK(box=[[10,10,50,50]], element_info='Mail')"
+    wrong = "Action: Type.\nGrounded Operation: TYPE(box=[[600,600,700,700]], text='x', element_info='x')"
+    trainer = SimpleNamespace(references={"val": [right, right]})
+    texts = {1: right, 2: wrong}  # fake token ids 1 and 2 decode to these answers
+    trainer.decode_predictions = lambda ids: [texts[int(row[0])] for row in np.asarray(ids)]
+    prediction = SimpleNamespace(predictions=np.array([[1], [2], [1]]), label_ids=np.array([[0], [1], [0]]))
+    metrics = compute_gui_metrics(trainer, "val")(prediction)
+    assert metrics["n"] == 2 and metrics["type_accuracy"] == 0.5 and metrics["click_in_box"] == 0.5

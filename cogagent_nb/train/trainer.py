@@ -231,8 +231,10 @@ def compute_gui_metrics(trainer: CogAgentTrainer, split: str):
     def compute(prediction) -> dict[str, float]:
         predictions = trainer.decode_predictions(prediction.predictions)
         indices = np.asarray(prediction.label_ids).reshape(-1).tolist()
-        references = [trainer.references[split][i] for i in indices]
-        metrics = gui_metrics(predictions, references)
+        # Several processes pad the last batch by repeating samples; each sample index counts once.
+        first = {index: row for row, index in reversed(list(enumerate(indices)))}
+        references = [trainer.references[split][i] for i in first]
+        metrics = gui_metrics([predictions[row] for row in first.values()], references)
         return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
 
     return compute
