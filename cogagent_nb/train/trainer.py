@@ -157,6 +157,12 @@ class CogAgentTrainer(Seq2SeqTrainer):
         inputs = self._prepare_inputs(inputs)
         indices = inputs.pop("labels")
         generation_config = gen_kwargs.pop("generation_config", None) or self.model.generation_config
+        # ZeRO-3 / FSDP gather each layer's weights from every process: all must keep stepping until the
+        # longest answer is done (what Seq2SeqTrainer.prediction_step does too).
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        from transformers.integrations.fsdp import is_fsdp_managed_module
+
+        gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model))
         with torch.no_grad():
             generated = self.accelerator.unwrap_model(model).generate(
                 **inputs, generation_config=generation_config, **gen_kwargs
