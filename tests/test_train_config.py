@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,5 +132,26 @@ def test_bad_data_stops_the_run_before_the_model_loads(tmp_path, repo_root):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "# resolved config" in done.stdout  # printed first
     errors = [line for line in done.stderr.splitlines() if "train.jsonl:" in line]
-    assert errors and all(line.split(":")[2].isdigit() for line in errors[:1]), done.stderr[-2000:]
+    assert errors, done.stderr[-2000:]
+    assert all(re.match(r".*train\.jsonl:\d+: [\w\[\].]+: ", line) for line in errors), (
+        errors
+    )  # FILE:LINE: field: message
+    assert "error(s) in the data" in done.stderr
     assert "no-model" not in done.stderr  # the model folder was never opened
+
+
+def test_training_arguments_keep_the_models_stop_tokens(repo_root, tmp_path):
+    """generation_config from the file is merged over the model's own, so evaluation still stops on
+    the official stop ids; columns the model needs are kept; TensorBoard only when installed."""
+    from transformers import GenerationConfig
+
+    from cogagent_nb.train.callbacks import tensorboard_available
+    from cogagent_nb.train.finetune import build_training_args
+
+    config = load_config(repo_root / "configs" / "lora.yaml", [f"training_args.output_dir={tmp_path}"])
+    model_generation = GenerationConfig(eos_token_id=[151329, 151336, 151338], pad_token_id=151329, do_sample=False)
+    args = build_training_args(config, generation_defaults=model_generation)
+    assert args.generation_config.max_new_tokens == 512  # from the file
+    assert args.generation_config.eos_token_id == [151329, 151336, 151338]  # from the model
+    assert args.remove_unused_columns is False and args.eval_strategy == "steps"
+    assert ("tensorboard" in args.report_to) == tensorboard_available()

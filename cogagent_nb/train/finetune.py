@@ -52,12 +52,9 @@ class FinetuneResult:
         per_step = self.seconds / max(ran, 1)
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
         what = {"LORA": "LoRA adapter", "PREFIX_TUNING": "prefix-tuning adapter"}.get(self.peft_type, "full model")
-        where = self.checkpoint if self.checkpoint is not None else "(nothing saved: save_strategy is no)"
+        saved = f"{what} saved to {self.checkpoint}" if self.checkpoint else "nothing saved (save_strategy: no)"
         steps = f"{ran} steps" if not self.first_step else f"{ran} steps ({self.first_step + 1}-{self.steps})"
-        return (
-            f"finetune: {steps} in {self.seconds:.1f} s ({per_step:.2f} s/step), "
-            f"final loss {loss}; {what} saved to {where}"
-        )
+        return f"finetune: {steps} in {self.seconds:.1f} s ({per_step:.2f} s/step), final loss {loss}; {saved}"
 
 
 def is_main_process() -> bool:
