@@ -186,37 +186,73 @@ def finetune(
     """
     from transformers import set_seed
 
-    from cogagent_nb.train import callbacks as cb
-    from cogagent_nb.train.checkpoints import list_checkpoints, remove_stale_staging, resolve_resume
-    from cogagent_nb.train.data import (
-        PromptCollator,
-        PromptDataset,
-        check_data,
-        split_files,
-        train_dataset,
-        training_collator,
-    )
-    from cogagent_nb.train.trainer import CogAgentTrainer, compute_gui_metrics
+    from cogagent_nb.train.checkpoints import resolve_resume
+    from cogagent_nb.train.data import check_data, split_files
 
     if not isinstance(config, FinetuneConfig):
         config = load_config(config, overrides)
     _say(format_config(config))
     files = split_files(data_dir, config.data_config)
     check_data(files, echo=is_main_process())
-    output_dir = Path(config.training_args.get("output_dir", "./output"))
-    checkpoint = resolve_resume(resume, output_dir)
+    checkpoint = resolve_resume(resume, Path(config.training_args.get("output_dir", "./output")))
     if checkpoint is not None:
         _say(f"resuming from {checkpoint}")
 
     set_seed(int(config.training_args.get("seed", 42)))  # the adapters' random init depends on it
     tokenizer, model = build_model(model_dir, config)
     args = build_training_args(config, generation_defaults=getattr(model, "generation_config", None))
-    num_image_tokens = model.config.num_image_tokens
+    datasets = build_datasets(files, tokenizer, config, model.config.num_image_tokens, args.predict_with_generate)
+    trainer = build_trainer(model, tokenizer, args, datasets, callbacks)
+
+    first_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    test_metrics: dict[str, float] = {}
+    if "test" in datasets and args.predict_with_generate:
+        from cogagent_nb.train.trainer import compute_gui_metrics
+
+        trainer.compute_metrics = compute_gui_metrics(trainer, "test")
+        test_metrics = trainer.predict(datasets["test"], metric_key_prefix="test").metrics
+        _say(f"test ({files['test'].name}): {_short(test_metrics)}")
+    result = FinetuneResult(
+        output_dir=Path(args.output_dir),
+        checkpoint=_last_checkpoint(Path(args.output_dir), first_step, trainer.state.global_step),
+        steps=trainer.state.global_step,
+        first_step=first_step,
+        seconds=seconds,
+        final_loss=trainer.step_losses[-1][1] if trainer.step_losses else None,
+        losses=list(trainer.step_losses),
+        eval_metrics=_last_eval(trainer.state.log_history),
+        test_metrics=test_metrics,
+        peft_type=config.peft_type,
+    )
+    _say(result.summary())
+    return result
+
+
+def build_datasets(
+    files: dict[str, Path], tokenizer: Any, config: FinetuneConfig, num_image_tokens: int, generate: bool
+) -> dict[str, Any]:
+    """The train split as training samples; val/test as prompts to generate from (predict_with_generate)
+    or, without generation, as training samples to compute an evaluation loss on."""
+    from cogagent_nb.train.data import PromptDataset, train_dataset
+
     datasets: dict[str, Any] = {"train": train_dataset(files["train"], tokenizer, config, num_image_tokens)}
     for split in ("val", "test"):
-        if split in files:  # prompts to generate from, or (without generation) samples to compute a loss on
-            make = PromptDataset if args.predict_with_generate else train_dataset
+        if split in files:
+            make = PromptDataset if generate else train_dataset
             datasets[split] = make(files[split], tokenizer, config, num_image_tokens)
+    return datasets
+
+
+def build_trainer(model: Any, tokenizer: Any, args: Any, datasets: dict[str, Any], callbacks: Sequence[Any] = ()):
+    """CogAgentTrainer with this package's collators, GUI metrics, progress bar, loss curve and final save."""
+    from cogagent_nb.train import callbacks as cb
+    from cogagent_nb.train.checkpoints import remove_stale_staging
+    from cogagent_nb.train.data import PromptCollator, training_collator
+    from cogagent_nb.train.trainer import CogAgentTrainer, compute_gui_metrics
+
     evaluating = args.eval_strategy != "no" and "val" in datasets
     trainer = CogAgentTrainer(
         model=model,
@@ -234,31 +270,16 @@ def finetune(
         trainer.compute_metrics = compute_gui_metrics(trainer, "val")
     if trainer.is_world_process_zero():
         remove_stale_staging(args.output_dir)
+    return trainer
 
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
-    eval_metrics = _last_eval(trainer.state.log_history)
-    test_metrics: dict[str, float] = {}
-    if "test" in datasets and args.predict_with_generate:
-        trainer.compute_metrics = compute_gui_metrics(trainer, "test")
-        test_metrics = trainer.predict(datasets["test"], metric_key_prefix="test").metrics
-        _say(f"test ({files['test'].name}): {_short(test_metrics)}")
-    saved = list_checkpoints(args.output_dir)
-    result = FinetuneResult(
-        output_dir=Path(args.output_dir),
-        checkpoint=saved[-1][1] if saved else None,
-        steps=trainer.state.global_step,
-        first_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0,
-        seconds=seconds,
-        final_loss=trainer.step_losses[-1][1] if trainer.step_losses else None,
-        losses=list(trainer.step_losses),
-        eval_metrics=eval_metrics,
-        test_metrics=test_metrics,
-        peft_type=config.peft_type,
-    )
-    _say(result.summary())
-    return result
+
+def _last_checkpoint(output_dir: Path, first_step: int, last_step: int) -> Path | None:
+    """The newest complete checkpoint this run wrote (steps first_step+1 .. last_step); None if it saved none.
+    Checkpoints of other runs in the same folder (later steps, or before a resume) are not this run's."""
+    from cogagent_nb.train.checkpoints import list_checkpoints
+
+    mine = [path for step, path in list_checkpoints(output_dir) if first_step < step <= last_step]
+    return mine[-1] if mine else None
 
 
 def _use_our_progress_bar(trainer: Any) -> None:
