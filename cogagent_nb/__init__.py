@@ -84,6 +84,15 @@ PUBLIC_API: dict[str, str] = {
     "summarize_by": "cogagent_nb.infer.metrics",
     "action_confusion": "cogagent_nb.infer.metrics",
     "gui_metrics": "cogagent_nb.infer.metrics",
+    "Prediction": "cogagent_nb.infer.generate",
+    "load_for_inference": "cogagent_nb.infer.generate",
+    "generate_answers": "cogagent_nb.infer.generate",
+    "predict": "cogagent_nb.infer.generate",
+    "predict_batch": "cogagent_nb.infer.generate",
+    "EvaluationReport": "cogagent_nb.infer.evaluate",
+    "evaluate": "cogagent_nb.infer.evaluate",
+    "read_eval_samples": "cogagent_nb.infer.evaluate",
+    "blank_like": "cogagent_nb.infer.evaluate",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",
@@ -96,6 +105,12 @@ PUBLIC_API: dict[str, str] = {
     "plot_loss_mask": "cogagent_nb.viz.loss_mask",
     "plot_token_cells": "cogagent_nb.viz.loss_mask",
     "mask_browser": "cogagent_nb.viz.loss_mask",
+    "draw_prediction": "cogagent_nb.viz.predictions",
+    "show_prediction": "cogagent_nb.viz.predictions",
+    "compare_predictions": "cogagent_nb.viz.predictions",
+    "show_box_predictions": "cogagent_nb.viz.predictions",
+    "plot_scores": "cogagent_nb.viz.predictions",
+    "plot_confusion": "cogagent_nb.viz.predictions",
 }
 """Each public name and the module that defines it; `cnb.<name>` imports the module on first use."""
 
