@@ -51,6 +51,7 @@ PUBLIC_API: dict[str, str] = {
     "conversation_image": "cogagent_nb.data.validation",
     "episode_around": "cogagent_nb.data.validation",
     "make_demo_data": "cogagent_nb.data.synthetic",
+    "make_episode": "cogagent_nb.data.synthetic",
     "write_flawed_example": "cogagent_nb.data.synthetic",
     # data: tokenizer and encoding
     "load_image": "cogagent_nb.data.images",
@@ -93,6 +94,9 @@ PUBLIC_API: dict[str, str] = {
     "evaluate": "cogagent_nb.infer.evaluate",
     "read_eval_samples": "cogagent_nb.infer.evaluate",
     "blank_like": "cogagent_nb.infer.evaluate",
+    "EpisodeRun": "cogagent_nb.infer.agent",
+    "run_episode": "cogagent_nb.infer.agent",
+    "run_episodes": "cogagent_nb.infer.agent",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",
@@ -111,6 +115,7 @@ PUBLIC_API: dict[str, str] = {
     "show_box_predictions": "cogagent_nb.viz.predictions",
     "plot_scores": "cogagent_nb.viz.predictions",
     "plot_confusion": "cogagent_nb.viz.predictions",
+    "show_episode_run": "cogagent_nb.viz.predictions",
 }
 """Each public name and the module that defines it; `cnb.<name>` imports the module on first use."""
 
