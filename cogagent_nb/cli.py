@@ -243,6 +243,37 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- finetune / merge (train module) ------------------------------------------------------------------
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from cogagent_nb.train.finetune import add_arguments
+
+    p = sub.add_parser("finetune", help="fine-tune CogAgent: DATA_DIR MODEL_DIR CONFIG [RESUME] (official CLI)")
+    add_arguments(p)
+    p.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from cogagent_nb.train.finetune import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model: BASE ADAPTER OUT")
+    p.add_argument("base", type=Path, help="the base model folder the adapter was trained on")
+    p.add_argument("adapter", type=Path, help="a LoRA checkpoint folder (adapter_config.json + weights)")
+    p.add_argument("out", type=Path, help="new folder for the merged official-format model")
+    p.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from cogagent_nb.train.export import merge_lora
+
+    out = merge_lora(args.base, args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.base}: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogagent-nb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_make_demo_data,
         _add_make_tiny_tokenizer,
         _add_make_tiny_model,
+        _add_finetune,
+        _add_merge,
         _add_infer,
         _add_evaluate,
     ):

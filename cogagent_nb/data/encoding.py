@@ -29,16 +29,21 @@ supervised as that turn's end; `end_of_turn` only chooses the token appended aft
 show its mistake: every token of an assistant message is a label (role token included) and the
 appended end token is **not** a label, so the model never learns to stop.
 
-Lengths. The model replaces the 3-token image triple by `num_image_tokens + 2` vectors (boi, patches,
-eoi: 1602 at full size, 66 for the tiny preset). `max_input_length` (the prompt: everything up to and
-including the last `<|assistant|>`) and `max_output_length` (the answer: the last assistant turn's
-"\\n", text and end token) count the image at that real size (the official script counts 3 ids and
-can cut the triple; §6 of the spec). At full size the official `max_input_length: 512` therefore
-cannot hold a single screenshot: use about 2048. Truncation (see `_fit_prompt`) drops history steps
-oldest first, then cuts user text from the left, keeping the task line as long as possible; it never
-splits the triple, never drops the image and never shortens the answer to make room for the prompt.
-An answer longer than `max_output_length` is cut from the right and loses its end-of-turn token (see
-`_cut_answer`). A sample left with no target raises `EncodingError` naming it.
+Lengths. The budgets mean what the official fine-tuning README and `configs/lora.yaml` mean: they count
+TEXT ids, and the image comes on top. `max_input_length` counts the prompt (everything up to and
+including the last `<|assistant|>`) without the image triple; `max_output_length` counts the answer
+(the last assistant turn's "\\n", text and end token). The model then replaces the 3-id image triple by
+`num_image_tokens + 2` vectors (boi, patches, eoi: 1602 at full size, 66 for the tiny preset), so a
+sample that fits both budgets is at most `max_input_length + max_output_length + num_image_tokens + 2`
+positions long, and the official `max_input_length: 512` holds a screenshot plus 512 prompt tokens.
+`max_model_length`, a key of this package only, bounds the total the model sees after the splice
+(image included), for a fixed memory budget; the prompt is truncated to fit it too. (THUDM/CogAgent
+`finetune/finetune.py` cuts the ids at max_input_length + max_output_length, counting the triple as 3
+ids, and so can cut it in half.) Truncation (see `_fit_prompt`) drops
+history steps oldest first, then cuts user text from the left, keeping the task line as long as
+possible; it never splits the triple, never drops the image and never shortens the answer to make
+room for the prompt. An answer longer than `max_output_length` is cut from the right and loses its
+end-of-turn token (see `_cut_answer`). A sample left with no target raises `EncodingError` naming it.
 """
 
 from __future__ import annotations
@@ -209,18 +214,37 @@ class _Turn:
     has_image: bool
 
 
-def _prompt_length(turns: list[_Turn], num_image_tokens: int, newline_length: int = 1) -> int:
-    """Model-side length of prefix + every turn before the answer + the final <|assistant|>."""
+def _prompt_length(turns: list[_Turn], newline_length: int = 1) -> int:
+    """Text ids of the prompt: prefix + every turn before the answer + the final <|assistant|>.
+
+    The image triple is not counted: its num_image_tokens + 2 vectors come on top of the budget.
+    """
     length = 2  # [gMASK] <sop>
     for turn in turns[:-1]:
         length += 1 + newline_length + len(turn.ids)  # role token, "\n", text
-        length += num_image_tokens + 2 if turn.has_image else 0  # boi + patches + eoi, as the model sees it
     return length + 1  # the last <|assistant|>
 
 
-def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: int, name: str,
+def _prompt_budget(max_input_length: int | None, max_model_length: int | None, image_length: int,
+                   answer_length: int) -> tuple[int | None, str]:
+    """The prompt's text budget and how to name it in an error: the tighter of the two limits.
+
+    max_model_length counts every position after the splice, so the image (num_image_tokens + 2) and
+    the answer already laid out are subtracted from it.
+    """
+    budgets = []
+    if max_input_length is not None:
+        budgets.append((max_input_length, f"max_input_length={max_input_length}"))
+    if max_model_length is not None:
+        budgets.append((max_model_length - image_length - answer_length,
+                        f"max_model_length={max_model_length} less the image ({image_length}) "
+                        f"and the answer ({answer_length})"))
+    return min(budgets) if budgets else (None, "")
+
+
+def _fit_prompt(turns: list[_Turn], tokenizer, budget: int, budget_name: str, name: str,
                 ) -> tuple[int, int, bool]:
-    """Shrink user text, oldest first, until the prompt fits `budget`. Returns what was removed.
+    """Shrink user text, oldest first, until the prompt's text ids fit `budget`. Returns what was removed.
 
     Order, each step only if the previous one was not enough:
       A. drop whole history steps ("N. …" lines under "History steps:"), oldest first, earliest user turn
@@ -233,7 +257,7 @@ def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: in
     newline_length = len(tokenizer.encode_text("\n"))
 
     def excess() -> int:
-        return _prompt_length(turns, num_image_tokens, newline_length) - budget
+        return _prompt_length(turns, newline_length) - budget
 
     users = [t for t in turns[:-1] if t.role == "user"]
     steps_dropped = 0
@@ -264,10 +288,10 @@ def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: in
             tokens_cut += cut
             task_line_cut = True
     if excess() > 0:
-        length = _prompt_length(turns, num_image_tokens, newline_length)
+        length = _prompt_length(turns, newline_length)
         raise EncodingError(
-            f"{name}: the prompt needs {length} tokens even with all user text removed "
-            f"(image = {num_image_tokens + 2}), more than max_input_length={budget}")
+            f"{name}: the prompt needs {length} text tokens even with all user text removed "
+            f"(the image comes on top), more than {budget_name}")
     return steps_dropped, tokens_cut, task_line_cut
 
 
@@ -347,6 +371,7 @@ def encode_conversation(
     num_image_tokens: int,
     max_input_length: int | None = None,
     max_output_length: int | None = None,
+    max_model_length: int | None = None,
     end_of_turn: str = "<|user|>",
     mode: Mode = "fixed",
     image_root: str | Path | None = None,
@@ -356,16 +381,20 @@ def encode_conversation(
 
     messages: the official conversation dict or its message list; exactly one user turn has an
       `image` (a path, relative to `image_root`, or a PIL image).
-    num_image_tokens: patches the model splices in for the image (1600 full size, 64 tiny preset);
-      the length budgets count the image as num_image_tokens + 2.
-    max_input_length / max_output_length: budgets for the prompt and the last answer (None = no limit).
+    num_image_tokens: patches the model splices in for the image (1600 full size, 64 tiny preset).
+    max_input_length / max_output_length: text-id budgets of the prompt and of the last answer, as in
+      the official config (None = no limit); the image's num_image_tokens + 2 vectors come on top.
+    max_model_length: optional budget of everything the model sees after the splice, image included;
+      the prompt is truncated to fit it as well.
     end_of_turn: the token appended (and supervised) after the last answer.
     mode: "fixed" (this course's mask) or "official" (the official finetune's mask, for comparison).
     name: how errors refer to this sample, e.g. "train.jsonl:12".
     """
     if mode not in ("fixed", "official"):
         raise ValueError(f"mode must be 'fixed' or 'official', got {mode!r}")
-    for key, value in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
+    budgets = (("max_input_length", max_input_length), ("max_output_length", max_output_length),
+               ("max_model_length", max_model_length))
+    for key, value in budgets:
         if value is not None and value < 0:
             raise ValueError(f"{key} must be None or >= 0, got {value}")
     end_of_turn_id = _end_of_turn_id(tokenizer, end_of_turn)
@@ -376,10 +405,11 @@ def encode_conversation(
              for i, m in enumerate(messages)]
 
     answer_cut, keep_newline, keep_end = _cut_answer(turns[-1], max_output_length)
+    answer_length = int(keep_newline) * len(tokenizer.encode_text("\n")) + len(turns[-1].ids) + int(keep_end)
+    budget, budget_name = _prompt_budget(max_input_length, max_model_length, num_image_tokens + 2, answer_length)
     steps_dropped, tokens_cut, task_line_cut = (0, 0, False)
-    if max_input_length is not None:
-        steps_dropped, tokens_cut, task_line_cut = _fit_prompt(
-            turns, tokenizer, num_image_tokens, max_input_length, name)
+    if budget is not None:
+        steps_dropped, tokens_cut, task_line_cut = _fit_prompt(turns, tokenizer, budget, budget_name, name)
     segments = _build_segments(turns, tokenizer, end_of_turn_id=end_of_turn_id, keep_newline=keep_newline,
                                keep_end=keep_end, mode=mode)
 

@@ -67,15 +67,13 @@ def load_for_inference(
     check_model_dir(directory)
     if adapter is not None:
         check_adapter_dir(Path(adapter))
-    tokenizer, model = load(directory, dtype=dtype)
-    if adapter is not None:
-        from cogagent_nb.model.peft_recipes import load_adapter, merge_adapter
-
-        model = load_adapter(model, adapter)
-        if merge:
-            model = merge_adapter(model)
-    elif merge:
+    if merge and adapter is None:
         raise InferenceInputError("--merge needs an adapter to merge (pass --adapter DIR)")
+    tokenizer, model = load(directory, dtype=dtype, adapter=adapter)
+    if merge:
+        from cogagent_nb.model.peft_recipes import merge_adapter
+
+        model = merge_adapter(model)
     if device is not None:
         model = model.to(device)
     return tokenizer, model.eval()

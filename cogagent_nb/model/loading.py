@@ -104,6 +104,7 @@ def load(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[ChatGLM4Tokenizer, CogAgentForConditionalGeneration]:
     """Load `(tokenizer, model)` from an official-format CogAgent / GLM-4V directory, in eval mode.
 
@@ -115,6 +116,8 @@ def load(
       users with an older stack; the returned objects are then the remote classes, not ours.
     allow_pickle: also accept `pytorch_model*.bin`. Unpickling can run arbitrary code, so it is opt-in;
       even then the files are read with `torch.load(weights_only=True)`.
+    adapter: a PEFT adapter folder (a LoRA or prefix-tuning checkpoint of `cogagent-nb finetune`) to attach
+      to the loaded base model; the model returned is then a PeftModel (`model.peft_recipes.load_adapter`).
     """
     directory = resolve_model_dir(model_dir, with_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
@@ -142,6 +145,10 @@ def load(
     check_loading_info(info, directory)
     model.eval()
     tokenizer = ChatGLM4Tokenizer.from_pretrained(directory)
+    if adapter is not None:
+        from cogagent_nb.model.peft_recipes import load_adapter
+
+        model = load_adapter(model, adapter).eval()
     return tokenizer, model
 
 
