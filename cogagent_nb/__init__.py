@@ -101,6 +101,11 @@ PUBLIC_API: dict[str, str] = {
     "gui_metrics": "cogagent_nb.infer.metrics",
     "Prediction": "cogagent_nb.infer.generate",
     "load_for_inference": "cogagent_nb.infer.generate",
+    "load_finetuned": "cogagent_nb.infer.generate",
+    "find_adapter": "cogagent_nb.infer.generate",
+    "find_finetuned": "cogagent_nb.infer.generate",
+    "generation_kwargs": "cogagent_nb.infer.generate",
+    "make_prediction": "cogagent_nb.infer.generate",
     "generate_answers": "cogagent_nb.infer.generate",
     "predict": "cogagent_nb.infer.generate",
     "predict_batch": "cogagent_nb.infer.generate",
@@ -108,6 +113,7 @@ PUBLIC_API: dict[str, str] = {
     "evaluate": "cogagent_nb.infer.evaluate",
     "read_eval_samples": "cogagent_nb.infer.evaluate",
     "blank_like": "cogagent_nb.infer.evaluate",
+    "compare_reports": "cogagent_nb.infer.evaluate",
     "EpisodeRun": "cogagent_nb.infer.agent",
     "run_episode": "cogagent_nb.infer.agent",
     "run_episodes": "cogagent_nb.infer.agent",
@@ -130,6 +136,8 @@ PUBLIC_API: dict[str, str] = {
     "plot_scores": "cogagent_nb.viz.predictions",
     "plot_confusion": "cogagent_nb.viz.predictions",
     "show_episode_run": "cogagent_nb.viz.predictions",
+    "prediction_image": "cogagent_nb.viz.predictions",
+    "prediction_browser": "cogagent_nb.viz.predictions",
 }
 """Each public name and the module that defines it; `cnb.<name>` imports the module on first use."""
 

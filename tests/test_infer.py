@@ -170,3 +170,20 @@ def test_base_model_plus_lora_adapter_in_one_call(tiny_model_dir, screens, tmp_p
     ]
     assert texts[1] == texts[2] and texts[0] != texts[1]
     assert type(merged).__name__ == "CogAgentForConditionalGeneration"
+
+
+def test_finetune_outputs_are_found_by_kind(tiny_model_dir, tmp_path) -> None:
+    """An output_dir's newest checkpoint-N is used; an adapter wins over a full model; nothing is an error."""
+    from cogagent_nb.infer.generate import InferenceInputError, find_finetuned, load_finetuned
+
+    run = tmp_path / "run"
+    for step in (5, 40, 100):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "checkpoint-5" / "adapter_config.json").write_text("{}")
+    (run / "checkpoint-40" / "adapter_config.json").write_text("{}")
+    assert find_finetuned(run) == run / "checkpoint-40"  # checkpoint-100 holds nothing usable
+    assert find_finetuned(tiny_model_dir) == tiny_model_dir  # a full model folder
+    _, model = load_finetuned("unused-base", tiny_model_dir)
+    assert type(model).__name__ == "CogAgentForConditionalGeneration"
+    with pytest.raises(InferenceInputError, match=r"empty: holds no adapter_config.json or config.json"):
+        load_finetuned(tiny_model_dir, tmp_path / "empty")

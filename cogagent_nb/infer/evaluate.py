@@ -147,6 +147,16 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def compare_reports(reports: dict[str, EvaluationReport], metrics: tuple[str, ...] = METRICS) -> str:
+    """One line per report (e.g. before / after fine-tuning, true / blank screenshots), the rates side by side."""
+    width = max(len(name) for name in reports) + 2
+    lines = [f"{'':<{width}}{'n':>5}" + "".join(f"{m:>15}" for m in metrics)]
+    for name, report in reports.items():
+        summary = report.summary
+        lines.append(f"{name:<{width}}{summary['n']:>5}" + "".join(f"{_percent(summary[m]):>15}" for m in metrics))
+    return "\n".join(lines)
+
+
 # --- reading the data ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalSample:

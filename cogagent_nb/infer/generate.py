@@ -57,7 +57,8 @@ def load_for_inference(
     """`(tokenizer, model)` ready to generate: a base checkpoint plus, optionally, a LoRA adapter.
 
     adapter: a folder written by `save_adapter` / `cogagent-nb finetune` (adapter_config.json +
-      adapter_model.safetensors); it is attached to the freshly loaded base model.
+      adapter_model.safetensors), or a finetune output_dir (its newest checkpoint is used); it is
+      attached to the freshly loaded base model (`cnb.load(model_dir, adapter=...)`).
     merge: fold the adapter into the base weights (faster generation, no PEFT wrapper afterwards).
     The tokenizer comes from `model_dir` (an adapter folder does not change it).
     """
@@ -66,7 +67,7 @@ def load_for_inference(
     directory = Path(model_dir)
     check_model_dir(directory)
     if adapter is not None:
-        check_adapter_dir(Path(adapter))
+        adapter = resolve_adapter(adapter)
     if merge and adapter is None:
         raise InferenceInputError("--merge needs an adapter to merge (pass --adapter DIR)")
     tokenizer, model = load(directory, dtype=dtype, adapter=adapter)
@@ -77,6 +78,46 @@ def load_for_inference(
     if device is not None:
         model = model.to(device)
     return tokenizer, model.eval()
+
+
+def load_finetuned(
+    base_dir: str | os.PathLike, run_dir: str | os.PathLike, **options: Any
+) -> tuple[ChatGLM4Tokenizer, torch.nn.Module]:
+    """What a fine-tuning run left in `run_dir`, ready to generate.
+
+    `run_dir` may be an adapter folder or a finetune output_dir with LoRA / prefix-tuning checkpoints
+    (then: `base_dir` + the newest adapter), or a full model folder or an output_dir of full fine-tuning
+    (then: the newest full checkpoint; `base_dir` is not needed). options: `load_for_inference` options.
+    """
+    found = find_finetuned(run_dir)
+    if found is None:
+        raise InferenceInputError(
+            f"{run_dir}: holds no adapter_config.json or config.json (nor does any checkpoint-N inside); "
+            "pass what `cogagent-nb finetune` wrote"
+        )
+    if (found / "adapter_config.json").is_file():
+        return load_for_inference(base_dir, adapter=found, **options)
+    return load_for_inference(found, **options)
+
+
+def find_finetuned(run_dir: str | os.PathLike) -> Path | None:
+    """The adapter (preferred) or full model folder a fine-tuning run left in `run_dir`, or None."""
+    return find_adapter(run_dir) or find_checkpoint(run_dir, "config.json")
+
+
+def find_checkpoint(path: str | os.PathLike, marker: str) -> Path | None:
+    """`path` when it holds the file `marker`, else its newest `checkpoint-N` that does, else None."""
+    path = Path(path)
+    if (path / marker).is_file():
+        return path
+    if not path.is_dir():
+        return None
+    numbered = []
+    for child in path.glob("checkpoint-*"):
+        suffix = child.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (child / marker).is_file():
+            numbered.append((int(suffix), child))
+    return max(numbered)[1] if numbered else None
 
 
 def check_model_dir(directory: Path) -> None:
@@ -91,13 +132,21 @@ def check_model_dir(directory: Path) -> None:
             )
 
 
-def check_adapter_dir(directory: Path) -> None:
-    """An adapter folder must hold PEFT's adapter_config.json."""
-    if not (directory / "adapter_config.json").is_file():
+def find_adapter(path: str | os.PathLike) -> Path | None:
+    """The adapter folder at `path`: `path` itself when it holds PEFT's adapter_config.json, else its newest
+    `checkpoint-N` that does (so a finetune `output_dir` works too); None when there is none."""
+    return find_checkpoint(path, "adapter_config.json")
+
+
+def resolve_adapter(path: str | os.PathLike) -> Path:
+    """`find_adapter`, or an error that names the file that is missing."""
+    found = find_adapter(path)
+    if found is None:
         raise InferenceInputError(
-            f"{directory / 'adapter_config.json'}: missing; pass the folder that `save_adapter` or "
-            "`cogagent-nb finetune` wrote"
+            f"{Path(path) / 'adapter_config.json'}: missing (and no checkpoint-N inside holds one); pass the "
+            "folder that `save_adapter` or `cogagent-nb finetune` wrote"
         )
+    return found
 
 
 # --- the result ------------------------------------------------------------------------------------------

@@ -212,3 +212,52 @@ def show_episode_run(run: EpisodeRun, *, columns: int = 4) -> plt.Figure:
     fig.suptitle(f"{run.task}  [{run.platform}]  {outcome}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# --- a widget to try screens -------------------------------------------------------------------------------
+def prediction_browser(models: dict[str, tuple[Any, Any]], samples: Sequence[Any], **settings: Any) -> Any:
+    """An ipywidgets screen picker: choose a sample, see every model's answer drawn on it, side by side.
+
+    models: name -> (tokenizer, model), e.g. {"before": ..., "after fine-tuning": ...}.
+    samples: `evaluate.EvalSample`s (screenshot, prompt, reference). settings go to `generate_answers`.
+    The first sample is drawn at once, so an executed notebook shows a picture even without a kernel.
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from cogagent_nb.data.actions import parse_answer
+    from cogagent_nb.data.images import load_image
+    from cogagent_nb.data.prompts import parse_prompt
+    from cogagent_nb.infer.generate import generate_answers, make_prediction
+
+    if not samples:
+        raise ValueError("prediction_browser needs at least one sample")
+    options = [(f"{i}: {textwrap.shorten(parse_prompt(s.prompt).task, 60)}", i) for i, s in enumerate(samples)]
+    picker = widgets.Dropdown(options=options, value=0, description="screen", layout={"width": "44em"})
+    output = widgets.Output()
+
+    def render(index: int) -> None:
+        sample = samples[index]
+        image, parts = load_image(sample.image_path), parse_prompt(sample.prompt)
+        target = parse_answer(sample.reference).operation.box
+        predictions = []
+        for tokenizer, model in models.values():
+            generated = generate_answers(model, tokenizer, [image], [sample.prompt], **settings)[0]
+            predictions.append(
+                make_prediction(
+                    image, sample.prompt, generated, parts.task, parts.platform, parts.answer_format, parts.history
+                )
+            )
+        with output:
+            output.clear_output(wait=True)
+            print(
+                f"task: {parts.task}\nreference: {sample.reference.splitlines()[-2 if len(sample.reference.splitlines()) > 1 else 0]}"
+            )
+            fig = compare_predictions(predictions, list(models), target=target)
+            display(fig)
+            plt.close(fig)
+
+    picker.observe(lambda change: render(change["new"]), names="value")
+    render(0)
+    return widgets.VBox([picker, output])
