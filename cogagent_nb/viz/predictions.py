@@ -114,6 +114,7 @@ def show_box_predictions(report: EvaluationReport, *, limit: int = 8, columns: i
     import matplotlib.pyplot as plt
 
     rows = [row for row in report.rows if row.target_box is not None][:limit]
+    columns = max(1, min(columns, len(rows)))
     n_rows = max(1, -(-len(rows) // columns))
     fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 3.4 * n_rows), squeeze=False)
     for ax in axes.flat:
@@ -192,6 +193,7 @@ def show_episode_run(run: EpisodeRun, *, columns: int = 4) -> plt.Figure:
     import matplotlib.pyplot as plt
 
     steps = run.steps
+    columns = max(1, min(columns, len(steps)))
     n_rows = max(1, -(-len(steps) // columns))
     fig, axes = plt.subplots(n_rows, columns, figsize=(4.4 * columns, 3.9 * n_rows), squeeze=False)
     for ax in axes.flat:
