@@ -114,6 +114,7 @@ PUBLIC_API: dict[str, str] = {
     "read_eval_samples": "cogagent_nb.infer.evaluate",
     "blank_like": "cogagent_nb.infer.evaluate",
     "compare_reports": "cogagent_nb.infer.evaluate",
+    "baseline_report": "cogagent_nb.infer.evaluate",
     "EpisodeRun": "cogagent_nb.infer.agent",
     "run_episode": "cogagent_nb.infer.agent",
     "run_episodes": "cogagent_nb.infer.agent",

@@ -110,3 +110,22 @@ def test_reference_without_operation_is_a_data_error(test_file, tmp_path) -> Non
     (tmp_path / "images").symlink_to(test_file.parent / "images")
     with pytest.raises(ValueError, match=rf"{bad}:1: messages\[1\].content: .*no 'Grounded Operation:' line"):
         read_eval_samples(bad)
+
+
+def test_baselines_guess_boxes_without_the_screenshot(test_file, tmp_path) -> None:
+    from cogagent_nb.infer.evaluate import baseline_report
+
+    one = tmp_path / "one.jsonl"
+    lines = test_file.read_text().splitlines()
+    boxed = next(line for line in lines if "box=" in json.loads(line)["messages"][1]["content"])
+    one.write_text(boxed + "\n")
+    (tmp_path / "images").symlink_to(test_file.parent / "images")
+    for kind in ("most_common_box", "text_only"):  # trained on the sample itself: the guess is its own box
+        assert baseline_report(one, one, kind).summary["click_in_box"] == 1.0
+    train = test_file.parent / "train.jsonl"
+    text_only = baseline_report(train, test_file, "text_only").summary
+    common = baseline_report(train, test_file, "most_common_box").summary
+    assert text_only["type_accuracy"] == 1.0 and text_only["n_with_box"] == common["n_with_box"] > 0
+    assert 0.0 < common["click_in_box"] < text_only["click_in_box"] < 1.0  # the label says a lot on the demo set
+    with pytest.raises(ValueError, match="kind must be one of"):
+        baseline_report(train, test_file, "random")

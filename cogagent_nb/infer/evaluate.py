@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageStat
 
-from cogagent_nb.data.actions import ActionParseError, parse_answer
+from cogagent_nb.data.actions import Action, ActionParseError, format_operation, parse_answer
 from cogagent_nb.data.prompts import parse_prompt
 from cogagent_nb.data.validation import load_conversations
 from cogagent_nb.infer.metrics import METRICS, GuiScore, action_confusion, score_answer, summarize, summarize_by
@@ -286,3 +287,63 @@ def _evaluated(index: int, sample: EvalSample, prediction: str) -> EvaluatedSamp
         target_box=target.box,
         predicted_box=predicted_box,
     )
+
+
+# --- baselines that never look at the screenshot ----------------------------------------------------------------
+BASELINES: tuple[str, ...] = ("most_common_box", "text_only")
+"""`most_common_box`: the most frequent target box of the training file, everywhere.
+`text_only`: the mean training box of the same platform and element label (`element_info`, which the task
+text names), falling back to the platform's mean box, then to the overall mean."""
+
+
+def baseline_report(
+    train_file: str | os.PathLike, eval_file: str | os.PathLike, kind: str, *, limit: int | None = None
+) -> EvaluationReport:
+    """Score a guess that never looks at the screenshot, as a floor for click-in-box.
+
+    Each prediction is the reference operation with only its box replaced by the guess, so the action
+    type and text are right by construction: only `click_in_box` (and step success, which then equals it on
+    boxed steps) measures the baseline. A model whose clicks do not beat `text_only` has not learnt to look.
+    """
+    if kind not in BASELINES:
+        raise ValueError(f"kind must be one of {BASELINES}, got {kind!r}")
+    guess = _box_guesser(read_eval_samples(train_file), kind)
+    report = EvaluationReport(str(eval_file), f"baseline: {kind}")
+    for index, sample in enumerate(read_eval_samples(eval_file, limit=limit)):
+        target = parse_answer(sample.reference).operation
+        prediction = sample.reference
+        if target.box is not None:
+            guessed = Action(target.name, {**target.args, "box": guess(sample.platform, target)})
+            prediction = f"Grounded Operation: {format_operation(guessed)}"
+        report.rows.append(_evaluated(index, sample, prediction))
+    return report
+
+
+def _box_guesser(train: list[EvalSample], kind: str):
+    """A function (platform, target operation) -> guessed box, fitted on the training samples' boxes."""
+    boxes: list[tuple[str, str, tuple[int, int, int, int]]] = []
+    for sample in train:
+        operation = parse_answer(sample.reference).operation
+        if operation.box is not None:
+            boxes.append((sample.platform, str(operation.args.get("element_info", "")), operation.box))
+    if not boxes:
+        raise ValueError("the training file has no target box to learn a guess from")
+    if kind == "most_common_box":
+        common = Counter(box for _, _, box in boxes).most_common(1)[0][0]
+        return lambda platform, target: common
+    by_label: dict[tuple[str, str], list] = defaultdict(list)
+    by_platform: dict[str, list] = defaultdict(list)
+    for platform, label, box in boxes:
+        by_label[platform, label].append(box)
+        by_platform[platform].append(box)
+    overall = _mean_box([box for _, _, box in boxes])
+
+    def guess(platform: str, target: Action) -> tuple[int, int, int, int]:
+        group = by_label.get((platform, str(target.args.get("element_info", "")))) or by_platform.get(platform)
+        return _mean_box(group) if group else overall
+
+    return guess
+
+
+def _mean_box(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    return tuple(int(round(sum(box[i] for box in boxes) / len(boxes))) for i in range(4))  # type: ignore[return-value]
