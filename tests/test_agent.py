@@ -4,13 +4,13 @@ official client carries it, and the step-by-step picture."""
 from __future__ import annotations
 
 import pytest
+from infer_helpers import ScriptedModel
 
 from cogagent_nb.data.actions import GENERAL_TAG, Action, Answer, format_answer, parse_operation
 from cogagent_nb.data.synthetic import advances, episode_samples, make_episode
 from cogagent_nb.infer.agent import history_step, run_episode, run_episodes
 from cogagent_nb.infer.generate import load_for_inference
 from cogagent_nb.viz.predictions import show_episode_run
-from tests.infer_helpers import ScriptedModel
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from infer_helpers import ScriptedModel
 from PIL import Image
 
 from cogagent_nb.cli import main
 from cogagent_nb.infer.evaluate import blank_like, evaluate, model_images, read_eval_samples
 from cogagent_nb.infer.generate import load_for_inference
 from cogagent_nb.viz.predictions import plot_confusion, plot_scores, show_box_predictions
-from tests.infer_helpers import ScriptedModel
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from infer_helpers import ScriptedModel
 from PIL import Image
 
 from cogagent_nb.cli import main
@@ -21,7 +22,6 @@ from cogagent_nb.infer.generate import (
     predict_batch,
 )
 from cogagent_nb.viz.predictions import HIT_RGB, MISS_RGB, TARGET_RGB, draw_prediction, prediction_image
-from tests.infer_helpers import ScriptedModel
 
 ANSWER = (
     "Action: Click the 'Mail' icon.\n"
