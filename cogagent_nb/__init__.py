@@ -96,6 +96,8 @@ PUBLIC_API: dict[str, str] = {
     "plot_loss_mask": "cogagent_nb.viz.loss_mask",
     "plot_token_cells": "cogagent_nb.viz.loss_mask",
     "mask_browser": "cogagent_nb.viz.loss_mask",
+    # the course runner
+    "record": "cogagent_nb.course",
 }
 """Each public name and the module that defines it; `cnb.<name>` imports the module on first use."""
 
