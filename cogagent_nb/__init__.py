@@ -98,6 +98,7 @@ PUBLIC_API: dict[str, str] = {
     "show_dataset_overview": "cogagent_nb.viz.plots",
     "mask_counts": "cogagent_nb.viz.loss_mask",
     "counts_table_html": "cogagent_nb.viz.loss_mask",
+    "segments_table_html": "cogagent_nb.viz.loss_mask",
     "render_html": "cogagent_nb.viz.loss_mask",
     "plot_loss_mask": "cogagent_nb.viz.loss_mask",
     "plot_token_cells": "cogagent_nb.viz.loss_mask",

@@ -290,3 +290,27 @@ def mask_browser(get_sample: Callable[[int], EncodedSample], count: int, tokeniz
     slider.observe(lambda change: show(change["new"]), names="value")
     show(0)
     return widgets.VBox([slider, view])
+
+
+def segments_table_html(sample: EncodedSample, tokenizer) -> str:
+    """The segments `encode_conversation` built, one row each: role, kind, text, ids, supervised.
+
+    This is the recipe of a sample in a table (the renderer's source is `chat_format.render_conversation`):
+    which pieces exist and which carry a loss. Text is shown as the tokenizer decodes it, the image
+    triple by its name.
+    """
+    rows = []
+    for segment in sample.segments:
+        if segment.kind == "image":
+            text = f"[image: {image_label(sample.num_image_tokens)}]"
+        else:
+            text = segment.text if segment.text is not None else tokenizer.decode(list(segment.ids))
+        shown = html.escape(text if len(text) <= 60 else text[:57] + "...").replace("\n", "↵")
+        mark = "<b>yes</b>" if segment.supervised else "no"
+        rows.append(
+            f"<tr><td>{html.escape(segment.role)}</td><td>{html.escape(segment.kind)}</td>"
+            f"<td style='text-align:left;font-family:monospace'>{shown}</td>"
+            f"<td style='text-align:right'>{len(segment.ids)}</td><td>{mark}</td></tr>"
+        )
+    head = "<tr><th>role</th><th>kind</th><th>text</th><th>ids</th><th>supervised</th></tr>"
+    return f"<table class='lmv-segments'>{head}{''.join(rows)}</table>"
