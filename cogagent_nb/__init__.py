@@ -42,6 +42,9 @@ PUBLIC_API: dict[str, str] = {
     "HistoryStep": "cogagent_nb.data.prompts",
     "build_prompt": "cogagent_nb.data.prompts",
     "parse_prompt": "cogagent_nb.data.prompts",
+    "ROLES": "cogagent_nb.data.chat_format",
+    "conversation_problems": "cogagent_nb.data.chat_format",
+    "render_conversation": "cogagent_nb.data.chat_format",
     "SPLITS": "cogagent_nb.data.validation",
     "Problem": "cogagent_nb.data.validation",
     "validate_paths": "cogagent_nb.data.validation",
@@ -66,8 +69,11 @@ PUBLIC_API: dict[str, str] = {
     "ConversationDataset": "cogagent_nb.data.encoding",
     # model
     "CogAgentConfig": "cogagent_nb.model.configuration",
+    "VisionConfig": "cogagent_nb.model.configuration",
     "CogAgentForConditionalGeneration": "cogagent_nb.model.modeling",
     "load": "cogagent_nb.model.loading",
+    "init_model": "cogagent_nb.model.loading",
+    "save_pretrained": "cogagent_nb.model.loading",
     "make_tiny_model": "cogagent_nb.model.loading",
     "register_auto_classes": "cogagent_nb.model.loading",
     "add_lora": "cogagent_nb.model.peft_recipes",
@@ -126,6 +132,7 @@ PUBLIC_API: dict[str, str] = {
     "show_dataset_overview": "cogagent_nb.viz.plots",
     "mask_counts": "cogagent_nb.viz.loss_mask",
     "counts_table_html": "cogagent_nb.viz.loss_mask",
+    "segments_table_html": "cogagent_nb.viz.loss_mask",
     "render_html": "cogagent_nb.viz.loss_mask",
     "plot_loss_mask": "cogagent_nb.viz.loss_mask",
     "plot_token_cells": "cogagent_nb.viz.loss_mask",
@@ -139,6 +146,8 @@ PUBLIC_API: dict[str, str] = {
     "show_episode_run": "cogagent_nb.viz.predictions",
     "prediction_image": "cogagent_nb.viz.predictions",
     "prediction_browser": "cogagent_nb.viz.predictions",
+    # the course runner
+    "record": "cogagent_nb.course",
 }
 """Each public name and the module that defines it; `cnb.<name>` imports the module on first use."""
 

@@ -274,6 +274,44 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- course (runs the notebooks) ---------------------------------------------------------------------
+def _add_course(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "course",
+        help="run the lesson notebooks in order (papermill), write the executed copies, a summary and a site",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/course-<time>)")
+    p.add_argument("--notebooks", type=Path, default=Path("notebooks"), help="folder of NN_*.ipynb lessons")
+    p.add_argument("--only", nargs="+", default=[], metavar="NN", help="run only these lesson numbers")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter for every lesson that declares it (value read as YAML)",
+    )
+    p.add_argument("-f", "--parameters-file", action="append", default=[], type=Path, help="a YAML file of parameters")
+    p.add_argument("--no-site", action="store_true", help="skip the HTML rendering")
+    p.set_defaults(handler=_run_course)
+
+
+def _run_course(args: argparse.Namespace) -> int:
+    import time
+
+    from cogagent_nb.course import find_lessons, read_parameters, run_course
+
+    lessons = find_lessons(args.notebooks, args.only)
+    out = args.out or Path("runs") / time.strftime("course-%Y%m%d-%H%M%S")
+    runs = run_course(lessons, out, read_parameters(args.parameter, args.parameters_file), site=not args.no_site)
+    failed = [r for r in runs if not r.ok]
+    print(f"{len(runs) - len(failed)} of {len(lessons)} lessons ran; executed notebooks and summary in {out}")
+    if not args.no_site:
+        print(f"site: {out / 'site' / 'index.html'}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogagent-nb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_merge,
         _add_infer,
         _add_evaluate,
+        _add_course,
     ):
         add(sub)
     return parser

@@ -45,11 +45,11 @@ from cogagent_nb.data import screens as gr
 from cogagent_nb.data.actions import ANSWER_FORMATS, GENERAL_TAG, PLATFORMS, SENSITIVE_TAG, Action, Answer, format_answer
 from cogagent_nb.data.boxes import from_pixels
 from cogagent_nb.data.prompts import HistoryStep, build_prompt
+from cogagent_nb.data.validation import SPLITS  # the split names live with the format
 
 DEFAULT_EPISODES = 96
 """The committed set: 96 episodes ≈ 460 samples, about 3 MB of PNGs."""
 
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
 PROMPT_ORDER = "official"
 """One order for the whole dataset (see `prompts.py`): mixing orders would earn a validator warning."""
 

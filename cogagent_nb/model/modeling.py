@@ -41,9 +41,8 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cogagent_nb.model.configuration import CogAgentConfig
-
-IGNORE_INDEX = -100
+from cogagent_nb.data.encoding import IGNORE_INDEX
+from cogagent_nb.model.configuration import CogAgentConfig, VisionConfig
 
 
 # ================================================================================================
@@ -72,22 +71,21 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the given positions; no state (the checkpoint's `inv_freq` is ignored).
 
-    Frequencies: inv_freq[i] = base^(-2i / rotary_dim), i < rotary_dim / 2, computed in fp32 exactly
-    as the hub recomputes them on every forward. Positions come from `position_ids`, not from the
-    index in the sequence (the image splice gives 1600 tokens the same position).
+    Frequencies: inv_freq[i] = base^(-2i / rotary_dim), i < rotary_dim / 2 (`CogAgentConfig.rotary_inv_freq`),
+    computed in fp32 on every forward exactly as the hub recomputes them. Positions come from
+    `position_ids`, not from the index in the sequence (the image splice gives 1600 tokens the same
+    position).
     """
 
     def __init__(self, config: CogAgentConfig) -> None:
         super().__init__()
-        self.rotary_dim = config.rotary_dim
-        self.base = config.rope_base
+        self.config = config  # the frequencies are computed by the config, the one place they are defined
         self.original_rope = config.original_rope
         self.table_dtype = config.rope_table_dtype
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (cos, sin), each (B, 1, L, rotary_dim / 2), in the dtype the rotation will use."""
-        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
-        inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dim))  # (R/2,)
+        inv_freq = self.config.rotary_inv_freq(device=position_ids.device)  # (R/2,) fp32
         angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, L, R/2)
         cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]  # (B, 1, L, R/2)
         if self._table_in_model_dtype() and dtype in (torch.float16, torch.bfloat16):
@@ -258,12 +256,12 @@ class Embedding(nn.Module):
 class PatchEmbedding(nn.Module):
     """14x14 patch conv, a learned cls token in front, learned absolute positions (no interpolation)."""
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        patch, hidden = vision["patch_size"], vision["hidden_size"]
-        self.proj = nn.Conv2d(vision["in_channels"], hidden, kernel_size=patch, stride=patch)
+        patch, hidden = vision.patch_size, vision.hidden_size
+        self.proj = nn.Conv2d(vision.in_channels, hidden, kernel_size=patch, stride=patch)
         self.cls_embedding = nn.Parameter(torch.zeros(1, hidden))
-        self.position_embedding = nn.Embedding(vision["num_positions"], hidden)
+        self.position_embedding = nn.Embedding(vision.num_positions, hidden)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.proj(images)  # (B, Hv, S/p, S/p)
@@ -276,12 +274,12 @@ class PatchEmbedding(nn.Module):
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention, fused QKV with bias, heads contiguous, output `dense` with bias."""
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.num_heads = vision["num_heads"]
-        self.query_key_value = nn.Linear(vision["hidden_size"], 3 * vision["hidden_size"])
-        self.dense = nn.Linear(vision["hidden_size"], vision["hidden_size"])
-        self.dropout = vision["dropout_prob"]
+        self.num_heads = vision.num_heads
+        self.query_key_value = nn.Linear(vision.hidden_size, 3 * vision.hidden_size)
+        self.dense = nn.Linear(vision.hidden_size, vision.hidden_size)
+        self.dropout = vision.dropout_prob
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
@@ -293,11 +291,11 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.activation_fn = ACT2FN[vision["hidden_act"]]  # "gelu": exact erf GELU
-        self.fc1 = nn.Linear(vision["hidden_size"], vision["intermediate_size"])
-        self.fc2 = nn.Linear(vision["intermediate_size"], vision["hidden_size"])
+        self.activation_fn = ACT2FN[vision.hidden_act]  # "gelu": exact erf GELU
+        self.fc1 = nn.Linear(vision.hidden_size, vision.intermediate_size)
+        self.fc2 = nn.Linear(vision.intermediate_size, vision.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -310,13 +308,13 @@ class VisionLayer(GradientCheckpointingLayer):
     touches the layer's input.
     """
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        eps = vision["layer_norm_eps"]
-        self.input_layernorm = nn.LayerNorm(vision["hidden_size"], eps=eps)
+        eps = vision.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(vision.hidden_size, eps=eps)
         self.attention = VisionAttention(vision)
         self.mlp = VisionMLP(vision)
-        self.post_attention_layernorm = nn.LayerNorm(vision["hidden_size"], eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(vision.hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.input_layernorm(self.attention(hidden_states))
@@ -324,9 +322,9 @@ class VisionLayer(GradientCheckpointingLayer):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(VisionLayer(vision) for _ in range(vision["num_hidden_layers"]))
+        self.layers = nn.ModuleList(VisionLayer(vision) for _ in range(vision.num_hidden_layers))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -363,10 +361,10 @@ class EVA2CLIPModel(nn.Module):
         self.patch_embedding = PatchEmbedding(vision)
         self.transformer = VisionTransformer(vision)
         self.linear_proj = GLU(config)
-        self.conv = nn.Conv2d(vision["hidden_size"], config.hidden_size, kernel_size=2, stride=2)
+        self.conv = nn.Conv2d(vision.hidden_size, config.hidden_size, kernel_size=2, stride=2)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.scaling_factor = vision["scaling_factor"]
+        self.scaling_factor = vision.scaling_factor
         self.grid = config.patches_per_side
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
