@@ -55,6 +55,7 @@ PUBLIC_API: dict[str, str] = {
     "episode_around": "cogagent_nb.data.validation",
     "make_demo_data": "cogagent_nb.data.synthetic",
     "make_episode": "cogagent_nb.data.synthetic",
+    "episode_samples": "cogagent_nb.data.synthetic",
     "write_flawed_example": "cogagent_nb.data.synthetic",
     # data: tokenizer and encoding
     "load_image": "cogagent_nb.data.images",
@@ -124,6 +125,7 @@ PUBLIC_API: dict[str, str] = {
     "EpisodeRun": "cogagent_nb.infer.agent",
     "run_episode": "cogagent_nb.infer.agent",
     "run_episodes": "cogagent_nb.infer.agent",
+    "history_step": "cogagent_nb.infer.agent",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",

@@ -327,7 +327,11 @@ def _box_guesser(train: list[EvalSample], kind: str):
         if operation.box is not None:
             boxes.append((sample.platform, str(operation.args.get("element_info", "")), operation.box))
     if not boxes:
-        raise ValueError("the training file has no target box to learn a guess from")
+
+        def no_guess(platform: str, target: Action) -> tuple[int, int, int, int]:
+            raise ValueError("the training file has no target box to learn a guess from")
+
+        return no_guess
     if kind == "most_common_box":
         common = Counter(box for _, _, box in boxes).most_common(1)[0][0]
         return lambda platform, target: common
