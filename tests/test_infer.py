@@ -187,3 +187,17 @@ def test_finetune_outputs_are_found_by_kind(tiny_model_dir, tmp_path) -> None:
     assert type(model).__name__ == "CogAgentForConditionalGeneration"
     with pytest.raises(InferenceInputError, match=r"empty: holds no adapter_config.json or config.json"):
         load_finetuned(tiny_model_dir, tmp_path / "empty")
+
+
+def test_sampling_is_an_option_and_repeats_with_a_seed(tiny, screens) -> None:
+    tokenizer, model = tiny
+    prompt = [build_prompt("Open Mail", "Mac", "Action-Operation", ())]
+    sampled = [
+        generate_answers(
+            model, tokenizer, screens[:1], prompt, max_new_tokens=12, do_sample=True, temperature=1.5, seed=s
+        )[0]
+        for s in (1, 1, 2)
+    ]
+    greedy = generate_answers(model, tokenizer, screens[:1], prompt, max_new_tokens=12)[0]
+    assert sampled[0] == sampled[1]  # same seed, same answer
+    assert len({sampled[0].text, sampled[2].text, greedy.text}) > 1  # sampling really samples
