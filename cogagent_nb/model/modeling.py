@@ -21,7 +21,8 @@ Notable features, in the order of this file:
   into the language width, learned boi/eoi vectors, everything divided by `scaling_factor` 8.
 - The splice: the three ids boi, placeholder, eoi are replaced by boi + 1600 image vectors + eoi, and
   all 1600 image vectors share one RoPE position, so an image costs 3 positions but 1602 cache slots.
-- A transformers `Cache` for generation; the vision tower runs once, at prefill.
+- A transformers `Cache` for generation; the vision tower and the splice run once, at prefill, and the
+  image marker ids are never generated (`ImageMarkerSuppressor`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -468,6 +470,7 @@ def splice_image(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    boi_positions: torch.Tensor | None = None,
 ) -> SplicedInputs:
     """Replace each row's (boi, placeholder, eoi) ids by boi + n image vectors + eoi, and align the rest.
 
@@ -500,9 +503,13 @@ def splice_image(
         num_image_tokens: n, the image tokens between boi and eoi (1600 on the real model).
         inputs_embeds: (B, L, H) text embeddings, spliced with `image_features` (B, n + 2, H).
         position_ids, attention_mask, labels: (B, L), each optional.
+        boi_positions: (B,) boi index per row when it is already known (decode steps, where the ids
+            also hold generated tokens, which may include marker ids); None: find and check it.
     """
     batch, length = input_ids.shape
-    boi = find_image_positions(input_ids, boi_token_id, eoi_token_id)  # (B,)
+    if boi_positions is None:
+        boi_positions = find_image_positions(input_ids, boi_token_id, eoi_token_id)  # (B,)
+    boi = boi_positions
     new_length = length + num_image_tokens - 1
     out = torch.arange(new_length, device=input_ids.device).expand(batch, -1)  # (B, L')
     p = boi[:, None]  # (B, 1)
@@ -787,6 +794,20 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
         return self.transformer.encoder(inputs_embeds, rotary, mask, is_causal, cache=cache)
 
     # ---- generation ----------------------------------------------------------------------------------
+    def generate(self, *args: Any, suppress_image_markers: bool = True, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, with the image marker ids never generated (unless told otherwise).
+
+        <|begin_of_image|> and <|end_of_image|> belong to the chat template, not to answers. An untrained
+        or half-trained model can still rank them first; `ImageMarkerSuppressor` sets their scores to -inf
+        before greedy or sampled selection. `suppress_image_markers=False` lets them through (a generated
+        marker is then plain output: decode steps never splice, see `prepare_inputs_for_generation`).
+        """
+        if suppress_image_markers:
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            processors.append(ImageMarkerSuppressor((self.config.boi_token_id, self.config.eoi_token_id)))
+            kwargs["logits_processor"] = processors
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -822,17 +843,33 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
             new = next_sequence_length or 1
             model_inputs.update(input_ids=input_ids[:, -new:], position_ids=position_ids[:, -new:])
             if attention_mask is not None and images is not None:
+                # The prompt's image is each row's *first* boi (checked at prefill); generated ids come
+                # after it and are never spliced, even if the model emitted a marker id.
+                prompt_boi = (input_ids == self.config.boi_token_id).int().argmax(dim=1)  # (B,)
                 attention_mask = splice_image(
                     input_ids,
                     num_image_tokens=self.config.num_image_tokens,
                     boi_token_id=self.config.boi_token_id,
                     eoi_token_id=self.config.eoi_token_id,
                     attention_mask=attention_mask,
+                    boi_positions=prompt_boi,
                 ).attention_mask  # (B, L + n - 1 + t)
             model_inputs["attention_mask"] = attention_mask
         if "logits_to_keep" in kwargs:
             model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return model_inputs
+
+
+class ImageMarkerSuppressor(LogitsProcessor):
+    """Scores of the given ids (the image markers) become -inf, so no decoding strategy picks them."""
+
+    def __init__(self, token_ids: tuple[int, ...]) -> None:
+        self.token_ids = tuple(int(i) for i in token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, list(self.token_ids)] = -float("inf")  # (B, V)
+        return scores
 
 
 def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -941,4 +978,5 @@ __all__ = [
     "selective_checkpointing",
     "Speedups",
     "SPEEDUPS",
+    "ImageMarkerSuppressor",
 ]
