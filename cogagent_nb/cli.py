@@ -294,13 +294,19 @@ def _add_course(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-f", "--parameters-file", action="append", default=[], type=Path, help="a YAML file of parameters")
     p.add_argument("--no-site", action="store_true", help="skip the HTML rendering")
+    p.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="also write the lesson table between the course-table markers of this file",
+    )
     p.set_defaults(handler=_run_course)
 
 
 def _run_course(args: argparse.Namespace) -> int:
     import time
 
-    from cogagent_nb.course import find_lessons, read_parameters, run_course
+    from cogagent_nb.course import find_lessons, read_parameters, run_course, update_table
 
     lessons = find_lessons(args.notebooks, args.only)
     out = args.out or Path("runs") / time.strftime("course-%Y%m%d-%H%M%S")
@@ -309,6 +315,9 @@ def _run_course(args: argparse.Namespace) -> int:
     print(f"{len(runs) - len(failed)} of {len(lessons)} lessons ran; executed notebooks and summary in {out}")
     if not args.no_site:
         print(f"site: {out / 'site' / 'index.html'}")
+    if args.table and not failed:
+        update_table(args.table, (out / "summary.md").read_text())
+        print(f"lesson table updated in {args.table}")
     return 1 if failed else 0
 
 
