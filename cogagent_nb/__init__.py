@@ -82,6 +82,7 @@ PUBLIC_API: dict[str, str] = {
     "init_model": "cogagent_nb.model.loading",
     "save_pretrained": "cogagent_nb.model.loading",
     "make_tiny_model": "cogagent_nb.model.loading",
+    "make_random_model": "cogagent_nb.model.loading",
     "register_auto_classes": "cogagent_nb.model.loading",
     "add_lora": "cogagent_nb.model.peft_recipes",
     "add_prefix_tuning": "cogagent_nb.model.peft_recipes",

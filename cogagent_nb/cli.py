@@ -91,6 +91,28 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_random_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-random-model",
+        help="write a random-initialised model of any preset (e.g. the 9B) with a stand-in tokenizer",
+    )
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--preset", default="cogagent-9b-20241220", help="cogagent-9b-20241220, glm-4v-9b or tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    p.add_argument("--device", default=None, help="initialise on this device, e.g. cuda (default: cpu)")
+    p.set_defaults(handler=_run_make_random_model)
+
+
+def _run_make_random_model(args: argparse.Namespace) -> int:
+    from cogagent_nb.model.loading import make_random_model
+
+    out_dir = Path(make_random_model(args.out_dir, args.preset, seed=args.seed, dtype=args.dtype, device=args.device))
+    for path in sorted(out_dir.iterdir()):
+        print(f"{path}  {path.stat().st_size:,} bytes")
+    return 0
+
+
 # --- infer and evaluate (infer module) ----------------------------------------------------------------
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `infer` and `evaluate`: which weights, and how to generate."""
@@ -329,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_make_demo_data,
         _add_make_tiny_tokenizer,
         _add_make_tiny_model,
+        _add_make_random_model,
         _add_finetune,
         _add_merge,
         _add_infer,

@@ -34,15 +34,23 @@ import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 from tqdm.auto import tqdm
 
 from cogagent_nb.data import screens as gr
-from cogagent_nb.data.actions import ANSWER_FORMATS, GENERAL_TAG, PLATFORMS, SENSITIVE_TAG, Action, Answer, format_answer
+from cogagent_nb.data.actions import (
+    ANSWER_FORMATS,
+    GENERAL_TAG,
+    PLATFORMS,
+    SENSITIVE_TAG,
+    Action,
+    Answer,
+    format_answer,
+)
 from cogagent_nb.data.boxes import from_pixels
 from cogagent_nb.data.prompts import HistoryStep, build_prompt
 from cogagent_nb.data.validation import SPLITS  # the split names live with the format
@@ -56,14 +64,46 @@ PROMPT_ORDER = "official"
 APPS: tuple[str, ...] = ("Settings", "Browser", "Files", "Mail", "Music", "Photos", "Calendar", "Clock", "Maps")
 SECTIONS: tuple[str, ...] = ("General", "Network", "Display", "Sound", "Privacy", "Battery")
 DNS_SERVERS: tuple[str, ...] = ("8.8.4.4", "1.1.1.1", "9.9.9.9", "8.8.8.8", "1.0.0.1", "208.67.222.222")
-QUERIES: tuple[str, ...] = ("weather in Paris", "cheap flights", "python tutorial", "pizza near me",
-                            "train times", "news today", "currency converter", "pancake recipe")
+QUERIES: tuple[str, ...] = (
+    "weather in Paris",
+    "cheap flights",
+    "python tutorial",
+    "pizza near me",
+    "train times",
+    "news today",
+    "currency converter",
+    "pancake recipe",
+)
 FILE_NAMES: tuple[str, ...] = (
-    "agenda.docx", "backup.zip", "budget.csv", "contract.pdf", "draft.txt", "holiday.png", "invoice.pdf",
-    "logo.png", "meeting.txt", "notes.txt", "photo.png", "podcast.mp3", "report.pdf", "resume.docx",
-    "sales.csv", "song.mp3", "summary.docx", "taxes.pdf", "todo.txt", "travel.pdf")
-CONTACTS: tuple[str, ...] = ("anna@example.com", "bob@example.com", "chen@example.com", "dara@example.com",
-                             "eve@example.com", "farid@example.com")
+    "agenda.docx",
+    "backup.zip",
+    "budget.csv",
+    "contract.pdf",
+    "draft.txt",
+    "holiday.png",
+    "invoice.pdf",
+    "logo.png",
+    "meeting.txt",
+    "notes.txt",
+    "photo.png",
+    "podcast.mp3",
+    "report.pdf",
+    "resume.docx",
+    "sales.csv",
+    "song.mp3",
+    "summary.docx",
+    "taxes.pdf",
+    "todo.txt",
+    "travel.pdf",
+)
+CONTACTS: tuple[str, ...] = (
+    "anna@example.com",
+    "bob@example.com",
+    "chen@example.com",
+    "dara@example.com",
+    "eve@example.com",
+    "farid@example.com",
+)
 SENDERS: tuple[str, ...] = ("Team Lead", "Newsletter", "Bank", "Mum", "Support", "Calendar", "HR")
 
 
@@ -106,16 +146,19 @@ class DemoDataSummary:
     image_bytes: int = 0
 
     def __str__(self) -> str:
-        splits = ", ".join(f"{s}: {self.samples.get(s, 0)} samples / {self.episodes.get(s, 0)} episodes"
-                           for s in SPLITS)
-        return "\n".join([
-            f"demo data in {self.out_dir}",
-            f"  {splits}",
-            f"  platforms: {dict(sorted(self.platforms.items()))}",
-            f"  answer formats: {dict(sorted(self.answer_formats.items()))}",
-            f"  actions: {dict(sorted(self.actions.items()))}",
-            f"  images: {sum(self.samples.values())} PNG files, {self.image_bytes / 1e6:.2f} MB",
-        ])
+        splits = ", ".join(
+            f"{s}: {self.samples.get(s, 0)} samples / {self.episodes.get(s, 0)} episodes" for s in SPLITS
+        )
+        return "\n".join(
+            [
+                f"demo data in {self.out_dir}",
+                f"  {splits}",
+                f"  platforms: {dict(sorted(self.platforms.items()))}",
+                f"  answer formats: {dict(sorted(self.answer_formats.items()))}",
+                f"  actions: {dict(sorted(self.actions.items()))}",
+                f"  images: {sum(self.samples.values())} PNG files, {self.image_bytes / 1e6:.2f} MB",
+            ]
+        )
 
 
 # --- shared screens -------------------------------------------------------------------------------------
@@ -186,13 +229,26 @@ def _phone_offset(rng: random.Random, canvas: gr.Canvas, content: gr.PixelBox) -
     if height:
         left, top, right, _ = content
         canvas.rect((left + 12, top + 10, right - 12, top + height), (241, 245, 249), radius=8)
-        canvas.text((left + 24, top + 10 + (height - 10) // 2), "Tip: swipe down to refresh", size=12,
-                    fill=gr.MUTED, anchor="lm")
+        canvas.text(
+            (left + 24, top + 10 + (height - 10) // 2),
+            "Tip: swipe down to refresh",
+            size=12,
+            fill=gr.MUTED,
+            anchor="lm",
+        )
     return height + (10 if height else 0)
 
 
-def _button_row(canvas: gr.Canvas, platform: str, right: int, bottom: int, primary: str, secondary: str = "Cancel",
-                width: int = 90, height: int = 34) -> None:
+def _button_row(
+    canvas: gr.Canvas,
+    platform: str,
+    right: int,
+    bottom: int,
+    primary: str,
+    secondary: str = "Cancel",
+    width: int = 90,
+    height: int = 34,
+) -> None:
     """A primary/secondary button pair; Windows puts the primary first, Mac and phones last."""
     order = (primary, secondary) if platform == "WIN" else (secondary, primary)
     x = right - 2 * width - 10
@@ -202,9 +258,16 @@ def _button_row(canvas: gr.Canvas, platform: str, right: int, bottom: int, prima
 
 
 # --- task 1: Settings > Network > DNS ---------------------------------------------------------------------
-def _settings_screen(rng_layout: random.Random, platform: str, sections: list[str], page: str | None,
-                     dns: str, focused: bool = False, saved: bool = False,
-                     dialog: bool = False) -> gr.Canvas:
+def _settings_screen(
+    rng_layout: random.Random,
+    platform: str,
+    sections: list[str],
+    page: str | None,
+    dns: str,
+    focused: bool = False,
+    saved: bool = False,
+    dialog: bool = False,
+) -> gr.Canvas:
     """The Settings app: section list (desktop: a sidebar; phone: the first page) and the Network page.
 
     `rng_layout` is re-seeded by the caller for each screen of one episode, so that the window stays in
@@ -215,13 +278,13 @@ def _settings_screen(rng_layout: random.Random, platform: str, sections: list[st
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
         if page is None:
-            canvas.list_rows((left + 12, top + 10, right - 12, top + 10 + 52 * len(sections) + 2), sections,
-                             row_height=52, size=15)
+            canvas.list_rows(
+                (left + 12, top + 10, right - 12, top + 10 + 52 * len(sections) + 2), sections, row_height=52, size=15
+            )
             return canvas
         pane = (left + 16, top + 40, right - 16, bottom)
     else:
-        canvas.list_rows((left + 8, top + 8, left + 158, bottom - 8), sections, row_height=34,
-                         selected=page)
+        canvas.list_rows((left + 8, top + 8, left + 158, bottom - 8), sections, row_height=34, selected=page)
         pane = (left + 172, top + 14, right - 14, bottom - 12)
         if page is None:
             canvas.text((pane[0], pane[1] + 6), "General", size=16, fill=gr.BLACK)
@@ -230,16 +293,19 @@ def _settings_screen(rng_layout: random.Random, platform: str, sections: list[st
     pl, pt, pr, pb = pane
     canvas.text((pl, pt), "Network", size=16, fill=gr.BLACK)
     canvas.text_field((pl, pt + 50, pr, pt + 82), "IP address", "192.168.1.23")
-    canvas.text_field((pl, pt + 112, pr, pt + 144), "DNS server", dns, placeholder="e.g. 8.8.8.8",
-                      focused=focused)
+    canvas.text_field((pl, pt + 112, pr, pt + 144), "DNS server", dns, placeholder="e.g. 8.8.8.8", focused=focused)
     if saved:
         canvas.text((pl, pt + 160), "Settings saved.", size=14, fill=(22, 163, 74))
     _button_row(canvas, platform, pr, pb - (24 if platform == "Mobile" else 0), "OK")
     if dialog:
         cx, cy = (content[0] + content[2]) // 2, (content[1] + content[3]) // 2  # centred on the window
         half = min(170, canvas.width // 2 - 12)
-        canvas.dialog((cx - half, cy - 70, cx + half, cy + 70), "Apply changes?",
-                      "The network will reconnect.", ("Cancel", "Apply"))
+        canvas.dialog(
+            (cx - half, cy - 70, cx + half, cy + 70),
+            "Apply changes?",
+            "The network will reconnect.",
+            ("Cancel", "Apply"),
+        )
     return canvas
 
 
@@ -248,8 +314,10 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     sections = rng.sample(SECTIONS, len(SECTIONS))
     layout_seed = rng.random()
     task = f"Open Settings, go to Network, set the DNS server to {dns}, press OK and apply."
-    plan = f"1. Open Settings. 2. Open the Network section. 3. Type {dns} into the DNS server field. " \
-           "4. Press OK. 5. Confirm with Apply."
+    plan = (
+        f"1. Open Settings. 2. Open the Network section. 3. Type {dns} into the DNS server field. "
+        "4. Press OK. 5. Confirm with Apply."
+    )
 
     def screen(**kwargs: object) -> gr.Canvas:
         return _settings_screen(random.Random(layout_seed), platform, sections, **kwargs)  # type: ignore[arg-type]
@@ -257,19 +325,42 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     home, open_op, open_text, home_status = _home_screen(rng, platform, "Settings")
     steps = [DemoStep(home.image, open_op, open_text, home_status)]
     s = screen(page=None, dns="")
-    steps.append(DemoStep(s.image, _op("CLICK", s, s["Network"]),
-                          f"{_click(platform)} 'Network' in the list of sections.",
-                          "Settings is open and lists its sections."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("CLICK", s, s["Network"]),
+            f"{_click(platform)} 'Network' in the list of sections.",
+            "Settings is open and lists its sections.",
+        )
+    )
     s = screen(page="Network", dns="")
-    steps.append(DemoStep(s.image, _op("TYPE", s, s["DNS server"], text=dns),
-                          f"Type {dns} into the 'DNS server' field.",
-                          "The Network page is open; the DNS server field is empty."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("TYPE", s, s["DNS server"], text=dns),
+            f"Type {dns} into the 'DNS server' field.",
+            "The Network page is open; the DNS server field is empty.",
+        )
+    )
     s = screen(page="Network", dns=dns, focused=True)
-    steps.append(DemoStep(s.image, _op("CLICK", s, s["OK"]), f"{_click(platform)} the 'OK' button to save the setting.",
-                          f"The DNS server field now reads {dns}."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("CLICK", s, s["OK"]),
+            f"{_click(platform)} the 'OK' button to save the setting.",
+            f"The DNS server field now reads {dns}.",
+        )
+    )
     s = screen(page="Network", dns=dns, focused=True, dialog=True)
-    steps.append(DemoStep(s.image, _op("CLICK", s, s["Apply"]), f"{_click(platform)} 'Apply' in the dialog to confirm.",
-                          "A dialog asks whether to apply the changes.", sensitive=True))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("CLICK", s, s["Apply"]),
+            f"{_click(platform)} 'Apply' in the dialog to confirm.",
+            "A dialog asks whether to apply the changes.",
+            sensitive=True,
+        )
+    )
     s = screen(page="Network", dns=dns, saved=True)
     steps.append(_end_step(s, f"The DNS server is set to {dns} and the settings are saved."))
     return task, plan, steps
@@ -286,13 +377,22 @@ def _browser_screen(rng_layout: random.Random, platform: str, query: str, result
     margin = 20 if platform == "Mobile" else rng_layout.randint(30, 70)
     if results:
         canvas.text_field((left + 16, top + 30, right - 16, top + 62), "Search box", query)
-        canvas.text_area((left + 16, top + 80, right - 16, min(bottom - 12, top + 260)), "results",
-                         [f"Results for '{query}'", "", "1. First result", "2. Second result", "3. Third result"])
+        canvas.text_area(
+            (left + 16, top + 80, right - 16, min(bottom - 12, top + 260)),
+            "results",
+            [f"Results for '{query}'", "", "1. First result", "2. Second result", "3. Third result"],
+        )
         return canvas
     cx = (left + right) // 2
     canvas.draw.ellipse((cx - 20, box_top - 60, cx + 20, box_top - 20), fill=gr.STYLE["Browser"].colour)
-    canvas.text_field((left + margin, box_top, right - margin, box_top + 38), "Search box", query,
-                      placeholder="Search the web", focused=bool(query), size=14)
+    canvas.text_field(
+        (left + margin, box_top, right - margin, box_top + 38),
+        "Search box",
+        query,
+        placeholder="Search the web",
+        focused=bool(query),
+        size=14,
+    )
     return canvas
 
 
@@ -308,32 +408,46 @@ def _episode_search(rng: random.Random, platform: str) -> tuple[str, str, list[D
     home, open_op, open_text, home_status = _home_screen(rng, platform, "Browser")
     steps = [DemoStep(home.image, open_op, open_text, home_status)]
     s = screen(query="")
-    steps.append(DemoStep(s.image, _op("TYPE", s, s["Search box"], text=query),
-                          f"Type '{query}' into the search box.", "The browser shows its start page."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("TYPE", s, s["Search box"], text=query),
+            f"Type '{query}' into the search box.",
+            "The browser shows its start page.",
+        )
+    )
     s = screen(query=query)
-    steps.append(DemoStep(s.image, Action("KEY_PRESS", {"key": "Enter"}), "Press Enter to search.",
-                          f"The search box holds '{query}'."))
+    steps.append(
+        DemoStep(
+            s.image, Action("KEY_PRESS", {"key": "Enter"}), "Press Enter to search.", f"The search box holds '{query}'."
+        )
+    )
     s = screen(query=query, results=True)
     steps.append(_end_step(s, f"The results for '{query}' are shown."))
     return task, plan, steps
 
 
 # --- task 3: Files, scroll and open -----------------------------------------------------------------------
-def _files_screen(rng_layout: random.Random, platform: str, files: list[str], first: int,
-                  opened: str | None = None) -> tuple[gr.Canvas, int]:
+def _files_screen(
+    rng_layout: random.Random, platform: str, files: list[str], first: int, opened: str | None = None
+) -> tuple[gr.Canvas, int]:
     """The file manager's list starting at row `first`, or the viewer of `opened`; returns (canvas, rows)."""
     canvas, content = _app_frame(rng_layout, platform, opened or "Files", "Files")
     left, top, right, bottom = content
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
     if opened:
-        canvas.text_area((left + 14, top + 14, right - 14, bottom - 14), opened,
-                         [opened, "", "This file is open.", "It has 3 pages."])
+        canvas.text_area(
+            (left + 14, top + 14, right - 14, bottom - 14),
+            opened,
+            [opened, "", "This file is open.", "It has 3 pages."],
+        )
         return canvas, 0
     row_height = 44 if platform == "Mobile" else 30
     list_box = (left + 10, top + 10, right - 10, bottom - 10)
-    canvas.list_rows(list_box, files, row_height=row_height, first=first, size=14 if platform == "Mobile" else 13,
-                     name="file list")
+    canvas.list_rows(
+        list_box, files, row_height=row_height, first=first, size=14 if platform == "Mobile" else 13, name="file list"
+    )
     rows = (list_box[3] - list_box[1] - 2) // row_height
     return canvas, rows
 
@@ -354,20 +468,30 @@ def _episode_files(rng: random.Random, platform: str) -> tuple[str, str, list[De
     home, open_op, open_text, home_status = _home_screen(rng, platform, "Files")
     steps = [DemoStep(home.image, open_op, open_text, home_status)]
     s = screen(0)
-    steps.append(DemoStep(s.image, _op("SCROLL_DOWN", s, s["file list"], step_count=scroll),
-                          f"Scroll down the file list to find '{target}'.",
-                          f"Files lists {rows} files; '{target}' is not visible yet."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("SCROLL_DOWN", s, s["file list"], step_count=scroll),
+            f"Scroll down the file list to find '{target}'.",
+            f"Files lists {rows} files; '{target}' is not visible yet.",
+        )
+    )
     s = screen(scroll)
-    steps.append(DemoStep(s.image, _op(name, s, s[target]), f"{verb} '{target}' to open it.",
-                          f"The list has scrolled; '{target}' is visible."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op(name, s, s[target]),
+            f"{verb} '{target}' to open it.",
+            f"The list has scrolled; '{target}' is visible.",
+        )
+    )
     s = screen(scroll, opened=target)
     steps.append(_end_step(s, f"'{target}' is open."))
     return task, plan, steps
 
 
 # --- task 4: Mail, compose and send -----------------------------------------------------------------------
-def _mail_screen(rng_layout: random.Random, platform: str, senders: list[str], stage: str,
-                 to: str = "") -> gr.Canvas:
+def _mail_screen(rng_layout: random.Random, platform: str, senders: list[str], stage: str, to: str = "") -> gr.Canvas:
     """Mail's inbox (stage 'inbox' / 'sent') or its compose form ('compose')."""
     canvas, content = _app_frame(rng_layout, platform, "New Message" if stage == "compose" else "Mail", "Mail")
     left, top, right, bottom = content
@@ -375,14 +499,16 @@ def _mail_screen(rng_layout: random.Random, platform: str, senders: list[str], s
         top += _phone_offset(rng_layout, canvas, content)
     compose_right = rng_layout.random() < 0.5
     if stage == "compose":
-        canvas.text_field((left + 16, top + 34, right - 16, top + 66), "To", to, placeholder="name@example.com",
-                          focused=bool(to))
+        canvas.text_field(
+            (left + 16, top + 34, right - 16, top + 66), "To", to, placeholder="name@example.com", focused=bool(to)
+        )
         canvas.text_field((left + 16, top + 96, right - 16, top + 128), "Subject", "Hello")
         _button_row(canvas, platform, right - 16, bottom - (24 if platform == "Mobile" else 12), "Send")
         return canvas
     if platform == "Mobile":
-        canvas.list_rows((left + 10, top + 10, right - 10, top + 10 + 50 * len(senders) + 2), senders,
-                         row_height=50, kind="message")
+        canvas.list_rows(
+            (left + 10, top + 10, right - 10, top + 10 + 50 * len(senders) + 2), senders, row_height=50, kind="message"
+        )
         canvas.button((right - 140, bottom - 60, right - 20, bottom - 16), "Compose", size=15)
     else:
         button_left = right - 126 if compose_right else left + 12
@@ -407,15 +533,33 @@ def _episode_mail(rng: random.Random, platform: str) -> tuple[str, str, list[Dem
     home, open_op, open_text, home_status = _home_screen(rng, platform, "Mail")
     steps = [DemoStep(home.image, open_op, open_text, home_status)]
     s = screen("inbox")
-    steps.append(DemoStep(s.image, _op("CLICK", s, s["Compose"]),
-                          f"{_click(platform)} 'Compose' to start a new message.",
-                          "Mail shows the inbox."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("CLICK", s, s["Compose"]),
+            f"{_click(platform)} 'Compose' to start a new message.",
+            "Mail shows the inbox.",
+        )
+    )
     s = screen("compose")
-    steps.append(DemoStep(s.image, _op("TYPE", s, s["To"], text=to), f"Type {to} into the 'To' field.",
-                          "A new message form is open; the To field is empty."))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("TYPE", s, s["To"], text=to),
+            f"Type {to} into the 'To' field.",
+            "A new message form is open; the To field is empty.",
+        )
+    )
     s = screen("compose", to)
-    steps.append(DemoStep(s.image, _op("CLICK", s, s["Send"]), f"{_click(platform)} 'Send' to send the message.",
-                          f"The To field holds {to}.", sensitive=True))
+    steps.append(
+        DemoStep(
+            s.image,
+            _op("CLICK", s, s["Send"]),
+            f"{_click(platform)} 'Send' to send the message.",
+            f"The To field holds {to}.",
+            sensitive=True,
+        )
+    )
     s = screen("sent")
     steps.append(_end_step(s, "The message has been sent."))
     return task, plan, steps
@@ -460,8 +604,9 @@ def _design(index: int, seed: int) -> tuple[str, str, str]:
     members = [r for r in range(10) if split_of(r) == split]
     k = index // 10 * len(members) + members.index(index % 10)
     rng = random.Random(seed * 31 + SPLITS.index(split))
-    kinds, platforms, formats = (rng.sample(names, len(names))
-                                 for names in (list(EPISODE_KINDS), PLATFORMS, ANSWER_FORMATS))
+    kinds, platforms, formats = (
+        rng.sample(names, len(names)) for names in (list(EPISODE_KINDS), PLATFORMS, ANSWER_FORMATS)
+    )
     return kinds[k % 4], platforms[k % 3], formats[k % 5]
 
 
@@ -478,12 +623,22 @@ def episode_samples(episode: DemoEpisode, image_names: list[str]) -> list[dict]:
     samples, history = [], []
     for step, image_name in zip(episode.steps, image_names):
         prompt = build_prompt(episode.task, episode.platform, episode.answer_format, history, order=PROMPT_ORDER)
-        answer = Answer(status=step.status, plan=episode.plan, action=step.action, operation=step.operation,
-                        sensitivity=SENSITIVE_TAG if step.sensitive else GENERAL_TAG, end=step.end)
-        samples.append({"messages": [
-            {"role": "user", "content": prompt, "image": image_name},
-            {"role": "assistant", "content": format_answer(answer, episode.answer_format)},
-        ]})
+        answer = Answer(
+            status=step.status,
+            plan=episode.plan,
+            action=step.action,
+            operation=step.operation,
+            sensitivity=SENSITIVE_TAG if step.sensitive else GENERAL_TAG,
+            end=step.end,
+        )
+        samples.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt, "image": image_name},
+                    {"role": "assistant", "content": format_answer(answer, episode.answer_format)},
+                ]
+            }
+        )
         history.append(HistoryStep(str(step.operation), step.action))
     return samples
 
@@ -504,8 +659,9 @@ def save_png(image: Image.Image, path: Path) -> int:
     return path.stat().st_size
 
 
-def make_demo_data(out_dir: str | Path, *, seed: int = 0, episodes: int = DEFAULT_EPISODES,
-                   progress: bool = True) -> DemoDataSummary:
+def make_demo_data(
+    out_dir: str | Path, *, seed: int = 0, episodes: int = DEFAULT_EPISODES, progress: bool = True
+) -> DemoDataSummary:
     """Render `episodes` episodes into `out_dir` in the official layout and return what was written.
 
     Rewrites `train.jsonl`, `dev.jsonl`, `test.jsonl` and the `images/demo_*.png` files it owns;
@@ -544,8 +700,11 @@ def _flawed_lines() -> list[tuple[str, str]]:
     """(what is wrong, the raw JSONL line) pairs; the first line is correct, each other has one mistake."""
     prompt = build_prompt("Open Settings", "WIN", "Action-Operation", ())
 
-    def line(user: dict, answer: str | None = "Action: Open Settings.\n"
-             "Grounded Operation: CLICK(box=[[40,60,120,180]], element_info='Settings')") -> str:
+    def line(
+        user: dict,
+        answer: str | None = "Action: Open Settings.\n"
+        "Grounded Operation: CLICK(box=[[40,60,120,180]], element_info='Settings')",
+    ) -> str:
         messages = [user] + ([{"role": "assistant", "content": answer}] if answer is not None else [])
         return json.dumps({"messages": messages})
 
@@ -560,8 +719,10 @@ def _flawed_lines() -> list[tuple[str, str]]:
         ("an empty assistant answer", line(user, answer="")),
         ("a box coordinate above 999", line(user, click.format("40,60,1200,180"))),
         ("a box whose left edge is right of its right edge", line(user, click.format("120,60,40,180"))),
-        ("an action name that CogAgent does not have",
-         line(user, click.replace("CLICK", "TAP").format("40,60,120,180"))),
+        (
+            "an action name that CogAgent does not have",
+            line(user, click.replace("CLICK", "TAP").format("40,60,120,180")),
+        ),
     ]
 
 

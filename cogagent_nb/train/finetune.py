@@ -46,6 +46,7 @@ class FinetuneResult:
     eval_metrics: dict[str, float]
     test_metrics: dict[str, float]
     peft_type: str | None
+    peak_memory_gib: float | None = None  # the accelerator's peak allocated memory (torch.cuda), None on CPU
 
     def summary(self) -> str:
         ran = self.steps - self.first_step
@@ -54,7 +55,18 @@ class FinetuneResult:
         what = {"LORA": "LoRA adapter", "PREFIX_TUNING": "prefix-tuning adapter"}.get(self.peft_type, "full model")
         saved = f"{what} saved to {self.checkpoint}" if self.checkpoint else "nothing saved (save_strategy: no)"
         steps = f"{ran} steps" if not self.first_step else f"{ran} steps ({self.first_step + 1}-{self.steps})"
-        return f"finetune: {steps} in {self.seconds:.1f} s ({per_step:.2f} s/step), final loss {loss}; {saved}"
+        memory = "" if self.peak_memory_gib is None else f", peak {self.peak_memory_gib:.2f} GiB allocated"
+        timing = f"{self.seconds:.1f} s ({per_step:.2f} s/step{memory})"
+        return f"finetune: {steps} in {timing}, final loss {loss}; {saved}"
+
+
+def _peak_memory_gib() -> float | None:
+    """This process' peak allocated CUDA memory (what an out-of-memory error would be about), or None."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def is_main_process() -> bool:
@@ -226,6 +238,7 @@ def finetune(
         eval_metrics=_last_eval(trainer.state.log_history),
         test_metrics=test_metrics,
         peft_type=config.peft_type,
+        peak_memory_gib=_peak_memory_gib(),
     )
     _say(result.summary())
     return result
