@@ -363,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # its RESUME may follow --set options, which subparsers cannot parse
+        from cogagent_nb.train.finetune import main as finetune_main
+
+        return finetune_main(argv[1:], prog="cogagent-nb finetune")
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

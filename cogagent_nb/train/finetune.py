@@ -357,13 +357,14 @@ def run_from_args(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py") -> int:
     import argparse
     import sys
 
     from cogagent_nb.train.distributed import consume_local_rank_argument
 
-    parser = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune CogAgent (official command line).")
+    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune CogAgent (official command line).")
     add_arguments(parser)
     argv = consume_local_rank_argument(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher's
-    return run_from_args(parser.parse_args(argv))
+    # intermixed: `finetune.py DATA MODEL CONFIG --set k=v yes` works too (RESUME after the options)
+    return run_from_args(parser.parse_intermixed_args(argv))
