@@ -545,7 +545,7 @@ def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from cogagent_nb.model.configuration import CogAgentConfig
-    from cogagent_nb.model.loading import rotary_inv_freq, save_official_weights
+    from cogagent_nb.model.loading import save_official_weights
 
     checkpoint = Path(checkpoint_dir)
     if not (checkpoint / "latest").is_file():
@@ -569,5 +569,5 @@ def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str 
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, out / name)
     config = CogAgentConfig.from_pretrained(checkpoint)
-    save_official_weights(state_dict, out, inv_freq=rotary_inv_freq(config))
+    save_official_weights(state_dict, out, inv_freq=config.rotary_inv_freq())
     return out

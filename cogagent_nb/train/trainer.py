@@ -14,8 +14,10 @@ where `num_items_in_batch` counts the target tokens of all micro-batches of the 
 (the Trainer gathers it). DDP averages gradients over processes (the × world_size undoes that) and
 accumulation adds them (no division needed), so every target token of the optimizer step weighs the
 same: accumulation 2 × batch 1 = batch 2, and 2 processes × batch 1 = 1 process × batch 2
-(tests/test_train_loss.py checks both). Only the supervised positions' logits are turned into fp32, so
-no (B, L, vocabulary) fp32 tensor is ever made (151552 columns on the 9B).
+(tests/test_train_loss.py checks both). The token losses come from the model's own loss (mean over the
+supervised positions, × their count = the sum): with labels, the model runs its output layer only at
+supervised rows (`modeling.supervised_lm_loss`), so no (B, L, vocabulary) logits tensor is made at all
+(151552 columns on the 9B; about 5% of positions are supervised).
 """
 
 from __future__ import annotations
@@ -103,11 +105,11 @@ class CogAgentTrainer(Seq2SeqTrainer):
 
         Without `num_items_in_batch` (evaluation loss) it is the mean over this batch's target tokens.
         """
-        inputs = dict(inputs)
-        labels = expand_labels(model, inputs)
-        inputs.pop("labels")
-        outputs = model(**inputs, use_cache=False)
-        total, count = supervised_token_losses(outputs.logits, labels)
+        count = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())  # = the spliced count: image rows are unlabelled
+        if count == 0:
+            raise ValueError("a training batch has no supervised token (every label is -100): check the encoder")
+        outputs = model(**inputs, use_cache=False)  # with labels: the head runs at supervised rows only
+        total = outputs.loss * count  # the model's loss is the mean over exactly these `count` tokens
         if num_items_in_batch is None:
             loss = total / max(count, 1)
         else:
