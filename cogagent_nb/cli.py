@@ -302,6 +302,9 @@ def _add_course(sub: argparse._SubParsersAction) -> None:
         "course",
         help="run the lesson notebooks in order (papermill), write the executed copies, a summary and a site",
     )
+    p.add_argument(
+        "lessons", nargs="*", type=Path, help="notebook files to run (default: every NN_*.ipynb in --notebooks)"
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/course-<time>)")
     p.add_argument("--notebooks", type=Path, default=Path("notebooks"), help="folder of NN_*.ipynb lessons")
     p.add_argument("--only", nargs="+", default=[], metavar="NN", help="run only these lesson numbers")
@@ -330,7 +333,7 @@ def _run_course(args: argparse.Namespace) -> int:
 
     from cogagent_nb.course import find_lessons, read_parameters, run_course, update_table
 
-    lessons = find_lessons(args.notebooks, args.only)
+    lessons = args.lessons or find_lessons(args.notebooks, args.only)
     out = args.out or Path("runs") / time.strftime("course-%Y%m%d-%H%M%S")
     runs = run_course(lessons, out, read_parameters(args.parameter, args.parameters_file), site=not args.no_site)
     failed = [r for r in runs if not r.ok]

@@ -333,7 +333,7 @@ def render_site(runs: Sequence[LessonRun], site_dir: Path) -> Path:
         page = ""
         if output.is_file():
             nb = nbformat.read(str(output), as_version=4)
-            body, _ = exporter.from_notebook_node(nb)
+            body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": r.title}})
             page = f"{output.stem}.html"
             (site_dir / page).write_text(body, encoding="utf-8")
             for i, png in enumerate(notebook_figures(nb)):

@@ -127,3 +127,18 @@ def test_makefile_course_target_calls_the_command(repo_root: Path) -> None:
     makefile = (repo_root / "Makefile").read_text()
     recipe = makefile.split("\ncourse:", 1)[1].split("\n\n", 1)[0]
     assert "cogagent-nb course" in recipe
+
+
+def test_update_table_replaces_only_the_text_between_the_markers(tmp_path: Path) -> None:
+    doc = tmp_path / "START.md"
+    doc.write_text(f"intro\n{course.TABLE_START}\nold table\n{course.TABLE_END}\noutro\n")
+    course.update_table(doc, "| new | table |\n")
+    assert doc.read_text() == f"intro\n{course.TABLE_START}\n| new | table |\n{course.TABLE_END}\noutro\n"
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="course-table"):
+        course.update_table(doc, "x")
+
+
+def test_start_here_has_the_table_markers(repo_root: Path) -> None:
+    text = (repo_root / "docs" / "START_HERE.md").read_text()
+    assert course.TABLE_START in text and course.TABLE_END in text
