@@ -46,7 +46,8 @@ test: $(STAMP)
 
 # The floors: .ci/floor_constraints.py pins each `>=X` of pyproject.toml to `==X`. torch stays at TORCH_SPEC
 # (older torch on PyPI comes only as multi-GB CUDA wheels; pyproject.toml says so beside its floor).
-# Only what tests/ needs is installed (no Jupyter stack): the notebooks run in `make test`.
+# Only what tests/ needs is installed (no Jupyter stack, no DeepSpeed): the notebooks and the `slow` tests
+# (DeepSpeed, multi-process runs, every lesson on other data, the browser) run in `make test`.
 $(FLOOR_STAMP): pyproject.toml Makefile .ci/floor_constraints.py
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)
@@ -58,7 +59,7 @@ $(FLOOR_STAMP): pyproject.toml Makefile .ci/floor_constraints.py
 
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR_VENV)/bin/python -m pip list --format=freeze | grep -iE "^(torch|transformers|peft|accelerate)=="
-	$(FLOOR_VENV)/bin/python -m pytest -q tests
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" tests
 
 test-gpu: $(STAMP)
 	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: torch sees no CUDA device (install a CUDA torch into $(VENV), see TORCH_SPEC)')"

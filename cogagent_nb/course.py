@@ -275,8 +275,8 @@ TABLE_START, TABLE_END = "<!-- course-table:start -->", "<!-- course-table:end -
 def update_table(markdown_file: Path, summary_md: str) -> None:
     """Replace the text between the course-table markers of a markdown file with a fresh summary table.
 
-    README's "Start here" (docs/START_HERE.md) keeps its lesson table this way, so that the times it
-    shows are always measured: `cogagent-nb course --table docs/START_HERE.md`.
+    README's "Start here" keeps its lesson table this way, so that the times it
+    shows are always measured: `cogagent-nb course --table README.md`.
     """
     text = Path(markdown_file).read_text(encoding="utf-8")
     if TABLE_START not in text or TABLE_END not in text:

@@ -139,6 +139,6 @@ def test_update_table_replaces_only_the_text_between_the_markers(tmp_path: Path)
         course.update_table(doc, "x")
 
 
-def test_start_here_has_the_table_markers(repo_root: Path) -> None:
-    text = (repo_root / "docs" / "START_HERE.md").read_text()
+def test_readme_start_here_has_the_table_markers(repo_root: Path) -> None:
+    text = (repo_root / "README.md").read_text()
     assert course.TABLE_START in text and course.TABLE_END in text

@@ -30,15 +30,13 @@ def save_loss_curve(log_history: list[dict[str, Any]], output_dir: str | Path) -
     steps, losses = loss_points(log_history)
     if not steps:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, no figure shown in a notebook
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / LOSS_HISTORY_JSON).write_text(json.dumps(log_history, indent=1) + "\n", encoding="utf-8")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
     ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (mean over target tokens)")
@@ -47,7 +45,6 @@ def save_loss_curve(log_history: list[dict[str, Any]], output_dir: str | Path) -
     path = output_dir / LOSS_CURVE_PNG
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
