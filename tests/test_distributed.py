@@ -192,3 +192,12 @@ def test_parameter_counts_of_the_9b_preset():
     # 1792 -> 3 x 1792, each r x (in + out)
     assert lora == 40 * 8 * (4096 + 4608) + 63 * 8 * (1792 + 3 * 1792)
     assert total_lora == total + lora
+
+
+def test_cuda_arch_list_is_the_plain_capability_unless_the_user_set_one():
+    """DeepSpeed 0.19 cannot parse torch 2.11's "9.0a"; the package hands it "9.0" (seen on an H200)."""
+    env: dict[str, str] = {}
+    assert dist.set_cuda_arch_list(env, capabilities=[(9, 0), (9, 0), (8, 0)]) == "8.0;9.0"
+    assert env == {"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}
+    mine = {"TORCH_CUDA_ARCH_LIST": "9.0a"}
+    assert dist.set_cuda_arch_list(mine, capabilities=[(9, 0)]) == "9.0a"  # the user's choice stands

@@ -321,6 +321,29 @@ def accelerator_available() -> bool:
         return False
 
 
+def set_cuda_arch_list(
+    env: MutableMapping[str, str] | None = None, capabilities: list[tuple[int, int]] | None = None
+) -> str | None:
+    """Set TORCH_CUDA_ARCH_LIST to the visible GPUs' plain compute capabilities unless the user chose one.
+
+    DeepSpeed JIT-builds its CUDA ops (FusedAdam for the official ds_zero_3.json) for the architectures
+    torch reports, and DeepSpeed 0.19 cannot parse the "9.0a" that torch 2.11 reports on Hopper
+    (`ValueError: invalid literal for int() with base 10: '0a'`, seen on an H200). "9.0" builds the
+    same kernels for the card at hand. Returns the value in use (None without CUDA).
+    """
+    import torch
+
+    env = os.environ if env is None else env
+    if "TORCH_CUDA_ARCH_LIST" in env:
+        return env["TORCH_CUDA_ARCH_LIST"]
+    if capabilities is None:
+        if not torch.cuda.is_available():
+            return None
+        capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    env["TORCH_CUDA_ARCH_LIST"] = ";".join(sorted({f"{major}.{minor}" for major, minor in capabilities}))
+    return env["TORCH_CUDA_ARCH_LIST"]
+
+
 def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
     """Prepare this process for the Trainer described by `training_args`; return the arguments to use.
 
@@ -346,6 +369,8 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
         if not info.launched:
             single_process_env()
         use_jit_cache()
+        if not on_cpu:
+            set_cuda_arch_list()
         if on_cpu:
             args["accelerator_config"] = _with_configured_state(args.get("accelerator_config"))
             init_cpu_deepspeed_state()
