@@ -179,3 +179,14 @@ def tiny_train_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-train-data")
     make_demo_data(out, seed=7, episodes=6, progress=False)
     return out
+
+
+@pytest.fixture
+def restore_environ():
+    """Put os.environ back after the test. `prepare_distributed` writes RANK, MASTER_PORT,
+    TORCH_EXTENSIONS_DIR ... on purpose; left behind, later tests would believe they run inside a
+    launcher (and use a stale port)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -16,15 +16,7 @@ import pytest
 from cogagent_nb.train import distributed as dist
 from cogagent_nb.train import zero_memory as zm
 
-
-@pytest.fixture(autouse=True)
-def restore_environ():
-    """prepare_distributed writes os.environ (RANK, MASTER_PORT, TORCH_EXTENSIONS_DIR ...) on purpose; put it back,
-    or later tests in this session would believe they run inside a launcher (and use a stale port)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environ")  # tests/conftest.py
 
 
 def test_launch_info_reads_the_launcher_variables():
