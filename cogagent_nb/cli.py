@@ -188,7 +188,7 @@ def _history_pairs(items: list[str]) -> list[tuple[str, str]]:
     for number, item in enumerate(items):
         separator = "\t" if "\t" in item else " || "
         if separator not in item:
-            raise SystemExit(f"--history item {number}: {item!r} needs OPERATION<TAB>ACTION or 'OPERATION || ACTION'")
+            raise ValueError(f"--history item {number}: {item!r} needs OPERATION<TAB>ACTION or 'OPERATION || ACTION'")
         operation, action = item.split(separator, 1)
         pairs.append((operation.strip(), action.strip()))
     return pairs
