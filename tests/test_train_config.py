@@ -61,9 +61,10 @@ def test_renamed_training_arguments_are_accepted_with_a_warning(tmp_path):
     ("extra", "message"),
     [
         ("lora_rank: 8\n", r"my\.yaml: unknown key 'lora_rank'"),
+        ("max_input_lenght: 8\n", r"unknown key 'max_input_lenght' \(did you mean 'max_input_length'\?\)"),
         (
             "training_args:\n  output_dir: x\n  learning_rat: 0.1\n",
-            r"my\.yaml: unknown key 'training_args\.learning_rat'",
+            r"my\.yaml: unknown key 'training_args\.learning_rat' \(did you mean 'learning_rate'\?\)",
         ),
         ("peft_config:\n  peft_type: LORA\n  rank: 8\n", r"my\.yaml: unknown key 'peft_config\.rank' for LORA"),
         ("peft_config:\n  peft_type: IA3\n", r"peft_config\.peft_type: 'IA3' is not one of"),

@@ -148,12 +148,20 @@ def apply_override(raw: dict[str, Any], override: str, source: str | os.PathLike
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
 
 
+def _did_you_mean(key: str, known: Any) -> str:
+    """`: did you mean 'max_input_length'?` for a near miss (a typo), else nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> FinetuneConfig:
     """Check and resolve a raw config mapping (what the YAML file holds)."""
     known = TOP_LEVEL_KEYS + PROJECT_KEYS
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(known)})")
+            raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(key, known)} (known: {', '.join(known)})")
     for key in ("data_config", "training_args"):
         if key not in raw or raw[key] is None:
             raise ConfigError(f"{source}: {key}: missing (required)")
@@ -260,7 +268,10 @@ def check_training_args(raw: Any, source: str) -> dict[str, Any]:
             if name in raw:
                 raise ConfigError(f"{source}: training_args: both {key!r} and its new name {name!r} are set")
         if name not in fields:
-            raise ConfigError(f"{source}: unknown key 'training_args.{key}' (not a Seq2SeqTrainingArguments field)")
+            raise ConfigError(
+                f"{source}: unknown key 'training_args.{key}'{_did_you_mean(key, fields)} "
+                "(not a Seq2SeqTrainingArguments field)"
+            )
         if name == "generation_config" and isinstance(value, dict):
             valid = set(GenerationConfig().to_dict())
             unknown = [k for k in value if k not in valid]
