@@ -54,10 +54,25 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     return {"seed11": root / "seed11", "one-screenshot": one_screenshot_dataset(root / "one-screenshot")}
 
 
+# Short runs: what is tested here is that each lesson reads the learner's data, not how well it trains
+# (the defaults run in `make test` through nbval). Each lesson gets only the names it declares.
+QUICK = {
+    "max_steps": 4,  # 03, 04, 06
+    "stop_at": 2,  # 06: stop, then resume
+    "save_steps": 2,  # 06
+    "smoke_steps": 2,  # 05
+    "train_steps": 4,  # 07
+    "eval_limit": 4,  # 07
+    "agent_episodes": 1,  # 07
+    "max_new_tokens": 16,  # 03, 07
+}
+
+
 @pytest.mark.parametrize("name", ["seed11", "one-screenshot"])
 def test_every_lesson_runs_on_own_data(name: str, datasets: dict[str, Path], repo_root: Path, tmp_path: Path) -> None:
     lessons = find_lessons(repo_root / "notebooks")
-    runs = run_course(lessons, tmp_path / "run", {"data_dir": str(datasets[name])}, site=False, progress=False)
+    parameters = {"data_dir": str(datasets[name]), **QUICK}
+    runs = run_course(lessons, tmp_path / "run", parameters, site=False, progress=False)
     failed = [r for r in runs if not r.ok]
     assert not failed, (
         f"{Path(failed[0].notebook).name} failed on {name} at cell [{failed[0].failed_cell}]: {failed[0].error}"
