@@ -165,12 +165,12 @@ def test_accepts_the_official_conversation_dict(screenshot):
 
 # --- errors ---------------------------------------------------------------------------------------------
 def test_no_image_raises_naming_the_sample():
-    with pytest.raises(EncodingError, match=r"train\.jsonl:3: no message has an 'image'"):
+    with pytest.raises(EncodingError, match=r"train\.jsonl:3: messages: no user turn with an image"):
         encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], name="train.jsonl:3")
 
 
 def test_two_images_raise(screenshot):
-    with pytest.raises(EncodingError, match=r"messages \[0, 2\] all carry an image"):
+    with pytest.raises(EncodingError, match=r"messages\[2\]\.image: more than one image .*first in messages\[0\]"):
         encode(
             [
                 {"role": "user", "content": "q", "image": screenshot},
@@ -182,7 +182,7 @@ def test_two_images_raise(screenshot):
 
 
 def test_image_on_assistant_raises(screenshot):
-    with pytest.raises(EncodingError, match="images belong on a user turn"):
+    with pytest.raises(EncodingError, match=r"messages\[1\]\.image: image on the assistant turn"):
         encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "image": screenshot}])
 
 
@@ -202,8 +202,11 @@ def test_missing_image_file_raises(tmp_path):
         (["user", "assistant", "assistant"], r"messages\[2\]\.role: 'assistant' cannot follow an? assistant turn"),
         (["user", "observation"], r"'observation' cannot follow a user turn"),
         (["system", "system", "user", "assistant"], r"messages\[1\]\.role: 'system'"),
-        (["user", "assistant", "user"], "the last message is a user turn; a training sample must end with"),
-        (["user", "bot"], r"messages\[1\]\.role: 'bot' is not one of"),
+        (
+            ["user", "assistant", "user"],
+            "messages: the conversation ends with a 'user' turn; a training sample must end with",
+        ),
+        (["user", "bot"], r"messages\[1\]\.role: unknown role 'bot'"),
     ],
 )
 def test_role_order_errors(screenshot, roles, message):
@@ -226,8 +229,9 @@ def _history_conversation(screenshot, answer="ANSWER"):
     ]
 
 
-def _prompt_len(content: str, num_image_tokens: int = 4) -> int:
-    return 2 + 2 + (num_image_tokens + 2) + len(content) + 1  # prefix, role+\n, image, text, <|assistant|>
+def _prompt_len(content: str) -> int:
+    """Text ids of a one-turn prompt: prefix, role + "\\n", text, <|assistant|>; the image is not counted."""
+    return 2 + 2 + len(content) + 1
 
 
 def test_split_history_of_the_official_prompt():
@@ -251,18 +255,43 @@ def test_history_is_dropped_oldest_first_and_the_image_is_kept(screenshot):
     s = encode(_history_conversation(screenshot), max_input_length=budget)
     assert s.input_ids.tolist() == PRE + [U, NL, *IMG, *ids(kept), A, NL, *ids("ANSWER"), U]
     assert s.truncation.history_steps_dropped == 1 and s.truncation.prompt_tokens_cut == 0
-    assert s.model_length - len(ids("\nANSWER")) - 1 == budget
+    assert s.model_length - (4 + 2) - len(ids("\nANSWER")) - 1 == budget  # image on top of the text budget
 
 
-def test_budget_counts_the_expanded_image(screenshot):
+def test_max_input_length_counts_text_only_the_image_comes_on_top(screenshot):
     content = TASK + HISTORY + TAIL
-    with_small_image = encode(_history_conversation(screenshot), max_input_length=_prompt_len(content, 4))
-    with_big_image = encode(
-        _history_conversation(screenshot), num_image_tokens=10, max_input_length=_prompt_len(content, 4)
-    )
-    assert with_small_image.truncation.history_steps_dropped == 0
+    budget = _prompt_len(content)
+    for n_img in (4, 1600):  # the tiny and the real image size: the text budget means the same
+        s = encode(_history_conversation(screenshot), num_image_tokens=n_img, max_input_length=budget)
+        assert not s.truncation.truncated
+        assert s.model_length == budget + n_img + 2 + len(ids("\nANSWER")) + 1
+
+
+def test_official_budget_512_keeps_a_full_size_screenshot(screenshot):
+    # configs/lora.yaml: max_input_length 512, max_output_length 512, at CogAgent's 1600 image tokens
+    s = encode(_history_conversation(screenshot), num_image_tokens=1600, max_input_length=512, max_output_length=512)
+    assert not s.truncation.truncated and s.model_length > 1602
+
+
+def test_max_model_length_counts_the_expanded_image(screenshot):
+    content = TASK + HISTORY + TAIL
+    answer = len(ids("\nANSWER")) + 1
+    total = _prompt_len(content) + (4 + 2) + answer
+    fits = encode(_history_conversation(screenshot), max_model_length=total)
+    assert not fits.truncation.truncated and fits.model_length == total
     # 6 more image vectors = one "\nN. sN" step (6 chars) must go
-    assert with_big_image.truncation.history_steps_dropped == 1
+    bigger_image = encode(_history_conversation(screenshot), num_image_tokens=10, max_model_length=total)
+    assert bigger_image.truncation.history_steps_dropped == 1 and bigger_image.model_length <= total
+    # both limits given: the tighter one wins
+    both = encode(_history_conversation(screenshot), max_input_length=_prompt_len(content) - 6, max_model_length=total)
+    assert both.truncation.history_steps_dropped == 1
+
+
+def test_max_model_length_too_small_for_image_and_answer_raises(screenshot):
+    with pytest.raises(
+        EncodingError, match=r"s1: the prompt needs 5 text tokens .* max_model_length=14 less the image"
+    ):
+        encode(_history_conversation(screenshot), max_model_length=14, name="s1")
 
 
 def test_left_cut_keeps_the_task_line_then_cuts_it(screenshot):
@@ -280,8 +309,8 @@ def test_left_cut_keeps_the_task_line_then_cuts_it(screenshot):
 
 
 def test_prompt_that_cannot_fit_raises(screenshot):
-    with pytest.raises(EncodingError, match=r"sample 7: the prompt needs 11 tokens .* max_input_length=10"):
-        encode(_history_conversation(screenshot), max_input_length=10, name="sample 7")
+    with pytest.raises(EncodingError, match=r"sample 7: the prompt needs 5 text tokens .* max_input_length=4"):
+        encode(_history_conversation(screenshot), max_input_length=4, name="sample 7")
 
 
 def test_answer_cut_from_the_right_drops_the_end_token(screenshot):
@@ -309,18 +338,32 @@ def test_nothing_supervised_raises_naming_the_sample(screenshot):
 
 
 @settings(max_examples=60, deadline=None)
-@given(max_in=st.integers(16, 60), max_out=st.integers(1, 12), n_img=st.integers(1, 20))
-def test_truncation_invariants(screenshot, max_in, max_out, n_img):
+@given(
+    max_in=st.integers(1, 60),
+    max_out=st.integers(1, 12),
+    n_img=st.integers(1, 20),
+    max_model=st.one_of(st.none(), st.integers(10, 90)),
+)
+def test_truncation_invariants(screenshot, max_in, max_out, n_img, max_model):
     conversation = _history_conversation(screenshot, answer="CLICK(box=[[1,2,3,4]])")
     try:
-        s = encode(conversation, num_image_tokens=n_img, max_input_length=max_in, max_output_length=max_out)
+        s = encode(
+            conversation,
+            num_image_tokens=n_img,
+            max_input_length=max_in,
+            max_output_length=max_out,
+            max_model_length=max_model,
+        )
     except EncodingError as error:
         assert "prompt needs" in str(error)
-        assert 2 + 2 + n_img + 2 + 1 > max_in  # only when the fixed part alone is too long
+        answer = min(max_out, len(ids("\nCLICK(box=[[1,2,3,4]])")) + 1)
+        # only when the fixed part alone (prefix, role, "\n", <|assistant|>) is too long
+        assert 2 + 2 + 1 > max_in or (max_model is not None and 2 + 2 + 1 + n_img + 2 + answer > max_model)
         return
     ids_ = s.input_ids.tolist()
     assert ids_.count(TOK.boi_id) == 1 and ids_[ids_.index(TOK.boi_id) :][:3] == IMG
-    assert s.model_length <= max_in + max_out
+    assert s.model_length <= max_in + max_out + n_img + 2
+    assert max_model is None or s.model_length <= max_model
     answer = [t for t in s.labels.tolist() if t != X]
     full = [NL, *ids("CLICK(box=[[1,2,3,4]])"), U]
     assert answer == full[: min(max_out, len(full) - 1)] or answer == full

@@ -337,7 +337,7 @@ def test_load_conversations_raises_naming_file_line_field(data_dir):
         load_conversations(path)
     assert info.value.problems == [
         Problem(
-            str(path), 3, "messages[1].role", "unknown role 'bot'; expected one of user, assistant, system, observation"
+            str(path), 3, "messages[1].role", "unknown role 'bot'; expected one of system, user, assistant, observation"
         )
     ]
     with pytest.raises(ValueError, match="split must be one of"):

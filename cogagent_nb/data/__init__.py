@@ -4,6 +4,7 @@ training ids and loss labels (course notebooks 01 and 02).
 
 Modules: `actions` (action space, answers), `boxes` (thousandths <-> pixels), `prompts` (the official
 prompt), `validation` (loading and checking JSONL files), `screens` + `synthetic` (the demo dataset),
-`images` (CLIP transform), `bpe` (the tokenizer.model format, BPE training), `tokenizer`, `encoding`.
+`images` (CLIP transform), `bpe` (the tokenizer.model format, BPE training), `chat_format` (the
+chat layout and the conversation grammar, written once), `tokenizer`, `encoding`.
 Only `images`, `tokenizer` and `encoding` need torch.
 """

@@ -1,8 +1,9 @@
 """Conversations → training tensors: ids, labels (the loss mask), positions and the screenshot.
 
 A conversation is the official dict `{"messages": [{"role", "content", "image"?}, ...]}` (or just the
-list of messages). `encode_conversation` renders it in GLM-4's chat format by appending *segments*,
-each with one "supervise this" flag, in the manner of nanochat's `render_conversation`:
+list of messages). It must follow the grammar of `chat_format.conversation_problems` (the validator
+reports the same problems), and `chat_format.render_conversation`, the renderer the chat template
+uses too, lays it out as *segments*, each with one "supervise this" flag:
 
     [gMASK]<sop>                       prefix            never a target
     <|user|> "\\n" [boi pad eoi] text   user turn         never a target (image triple included)
@@ -29,16 +30,21 @@ supervised as that turn's end; `end_of_turn` only chooses the token appended aft
 show its mistake: every token of an assistant message is a label (role token included) and the
 appended end token is **not** a label, so the model never learns to stop.
 
-Lengths. The model replaces the 3-token image triple by `num_image_tokens + 2` vectors (boi, patches,
-eoi: 1602 at full size, 66 for the tiny preset). `max_input_length` (the prompt: everything up to and
-including the last `<|assistant|>`) and `max_output_length` (the answer: the last assistant turn's
-"\\n", text and end token) count the image at that real size (the official script counts 3 ids and
-can cut the triple; §6 of the spec). At full size the official `max_input_length: 512` therefore
-cannot hold a single screenshot: use about 2048. Truncation (see `_fit_prompt`) drops history steps
-oldest first, then cuts user text from the left, keeping the task line as long as possible; it never
-splits the triple, never drops the image and never shortens the answer to make room for the prompt.
-An answer longer than `max_output_length` is cut from the right and loses its end-of-turn token (see
-`_cut_answer`). A sample left with no target raises `EncodingError` naming it.
+Lengths. The budgets mean what the official fine-tuning README and `configs/lora.yaml` mean: they count
+TEXT ids, and the image comes on top. `max_input_length` counts the prompt (everything up to and
+including the last `<|assistant|>`) without the image triple; `max_output_length` counts the answer
+(the last assistant turn's "\\n", text and end token). The model then replaces the 3-id image triple by
+`num_image_tokens + 2` vectors (boi, patches, eoi: 1602 at full size, 66 for the tiny preset), so a
+sample that fits both budgets is at most `max_input_length + max_output_length + num_image_tokens + 2`
+positions long, and the official `max_input_length: 512` holds a screenshot plus 512 prompt tokens.
+`max_model_length`, a key of this package only, bounds the total the model sees after the splice
+(image included), for a fixed memory budget; the prompt is truncated to fit it too. (THUDM/CogAgent
+`finetune/finetune.py` cuts the ids at max_input_length + max_output_length, counting the triple as 3
+ids, and so can cut it in half.) Truncation (see `_fit_prompt`) drops
+history steps oldest first, then cuts user text from the left, keeping the task line as long as
+possible; it never splits the triple, never drops the image and never shortens the answer to make
+room for the prompt. An answer longer than `max_output_length` is cut from the right and loses its
+end-of-turn token (see `_cut_answer`). A sample left with no target raises `EncodingError` naming it.
 """
 
 from __future__ import annotations
@@ -51,39 +57,27 @@ from typing import Any, Literal
 
 import torch
 
-IGNORE_INDEX = -100  # label value that cross-entropy ignores (torch and Hugging Face convention)
-ROLES = ("system", "user", "assistant", "observation")
-END_OF_TURN_CHOICES = ("<|user|>", "<|endoftext|>")
-Mode = Literal["fixed", "official"]
+from cogagent_nb.data.chat_format import ROLES, Segment, Supervision, conversation_problems, render_conversation
 
-# Which role may follow which (GLM-4 chat and tool use). "start" is the state before the first message.
-_ALLOWED_NEXT = {
-    "start": ("system", "user"),
-    "system": ("user",),
-    "user": ("assistant",),
-    "assistant": ("user", "observation"),
-    "observation": ("assistant",),
-}
+IGNORE_INDEX = -100  # label value that cross-entropy ignores (torch and Hugging Face convention)
+END_OF_TURN_CHOICES = ("<|user|>", "<|endoftext|>")
+Mode = Supervision  # "fixed" (this course's mask) or "official" (the official finetune's)
+__all__ = [
+    "IGNORE_INDEX",
+    "ROLES",
+    "Segment",
+    "EncodedSample",
+    "EncodingError",
+    "TruncationReport",
+    "encode_conversation",
+    "TrainingCollator",
+    "ConversationDataset",
+    "split_history",
+]
 
 
 class EncodingError(ValueError):
     """A conversation that cannot become a training sample; the message names the sample."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """A run of token ids with one supervision flag.
-
-    role: the message role it belongs to ("prefix" for [gMASK]<sop>).
-    kind: "prefix" | "role" | "newline" | "image" | "content" | "end_of_turn".
-    message_index: index of the message in the conversation (None for the prefix and appended end).
-    """
-
-    role: str
-    kind: str
-    ids: tuple[int, ...]
-    supervised: bool
-    message_index: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,52 +119,14 @@ class EncodedSample:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-# --- validation -----------------------------------------------------------------------------------
-def _messages_of(conversation: Mapping[str, Any] | Sequence[Mapping[str, Any]], name: str) -> list[Mapping]:
+# --- the grammar -----------------------------------------------------------------------------------
+def _checked_messages(conversation: Mapping[str, Any] | Sequence[Mapping[str, Any]], name: str) -> list[Mapping]:
+    """The message list, if it follows the training grammar; else EncodingError naming every problem."""
     messages = conversation.get("messages") if isinstance(conversation, Mapping) else conversation
-    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
-        raise EncodingError(f"{name}: expected a non-empty list of messages, got {type(messages).__name__}")
+    problems = conversation_problems(messages)
+    if problems:
+        raise EncodingError(f"{name}: " + "; ".join(str(problem) for problem in problems))
     return list(messages)
-
-
-def check_role_order(messages: Sequence[Mapping[str, Any]], name: str = "sample") -> None:
-    """Raise EncodingError unless roles follow GLM-4's grammar and end with an assistant turn.
-
-    system? user assistant ((user | observation) assistant)*: an observation (tool result) answers an
-    assistant turn, and a training sample must end with the assistant turn it teaches.
-    """
-    state = "start"
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        if role not in ROLES:
-            raise EncodingError(f"{name}: messages[{i}].role: {role!r} is not one of {ROLES}")
-        if role not in _ALLOWED_NEXT[state]:
-            after = "the start" if state == "start" else f"a {state} turn"
-            raise EncodingError(
-                f"{name}: messages[{i}].role: {role!r} cannot follow {after} "
-                f"(allowed: {', '.join(_ALLOWED_NEXT[state])})")
-        if not isinstance(message.get("content"), str):
-            raise EncodingError(f"{name}: messages[{i}].content: expected a string")
-        state = role
-    if state != "assistant":
-        raise EncodingError(f"{name}: the last message is a {state} turn; a training sample must end with "
-                            "the assistant answer it teaches")
-
-
-def find_image_message(messages: Sequence[Mapping[str, Any]], name: str = "sample") -> int:
-    """Index of the one user message carrying an image; CogAgent needs exactly one screenshot."""
-    carriers = [i for i, m in enumerate(messages) if m.get("image") is not None]
-    if not carriers:
-        raise EncodingError(f"{name}: no message has an 'image'; CogAgent needs one screenshot per "
-                            "conversation (put it on the user turn it belongs to)")
-    if len(carriers) > 1:
-        raise EncodingError(f"{name}: messages {carriers} all carry an image; the model splices only one "
-                            "image per sample (split the conversation, one screenshot each)")
-    index = carriers[0]
-    if messages[index]["role"] != "user":
-        raise EncodingError(f"{name}: messages[{index}].image: images belong on a user turn, "
-                            f"not on a {messages[index]['role']} turn")
-    return index
 
 
 # --- history-aware truncation ----------------------------------------------------------------------
@@ -206,21 +162,61 @@ class _Turn:
     role: str
     content: str
     ids: list[int]
-    has_image: bool
+    header_length: int  # BPE(metadata + "\n") after the role token; 1 without metadata
 
 
-def _prompt_length(turns: list[_Turn], num_image_tokens: int, newline_length: int = 1) -> int:
-    """Model-side length of prefix + every turn before the answer + the final <|assistant|>."""
+def _turns(messages: Sequence[Mapping[str, Any]], tokenizer) -> list[_Turn]:
+    return [
+        _Turn(
+            m["role"],
+            m["content"],
+            tokenizer.encode_text(m["content"]),
+            len(tokenizer.encode_text(str(m.get("metadata") or "") + "\n")),
+        )
+        for m in messages
+    ]
+
+
+def _prompt_length(turns: list[_Turn]) -> int:
+    """Text ids of the prompt: prefix + every turn before the answer + the final <|assistant|>.
+
+    The image triple is not counted: its num_image_tokens + 2 vectors come on top of the budget.
+    """
     length = 2  # [gMASK] <sop>
     for turn in turns[:-1]:
-        length += 1 + newline_length + len(turn.ids)  # role token, "\n", text
-        length += num_image_tokens + 2 if turn.has_image else 0  # boi + patches + eoi, as the model sees it
+        length += 1 + turn.header_length + len(turn.ids)  # role token, "\n", text
     return length + 1  # the last <|assistant|>
 
 
-def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: int, name: str,
-                ) -> tuple[int, int, bool]:
-    """Shrink user text, oldest first, until the prompt fits `budget`. Returns what was removed.
+def _prompt_budget(
+    max_input_length: int | None, max_model_length: int | None, image_length: int, answer_length: int
+) -> tuple[int | None, str]:
+    """The prompt's text budget and how to name it in an error: the tighter of the two limits.
+
+    max_model_length counts every position after the splice, so the image (num_image_tokens + 2) and
+    the answer already laid out are subtracted from it.
+    """
+    budgets = []
+    if max_input_length is not None:
+        budgets.append((max_input_length, f"max_input_length={max_input_length}"))
+    if max_model_length is not None:
+        budgets.append(
+            (
+                max_model_length - image_length - answer_length,
+                f"max_model_length={max_model_length} less the image ({image_length}) and the answer ({answer_length})",
+            )
+        )
+    return min(budgets) if budgets else (None, "")
+
+
+def _fit_prompt(
+    turns: list[_Turn],
+    tokenizer,
+    budget: int,
+    budget_name: str,
+    name: str,
+) -> tuple[int, int, bool]:
+    """Shrink user text, oldest first, until the prompt's text ids fit `budget`. Returns what was removed.
 
     Order, each step only if the previous one was not enough:
       A. drop whole history steps ("N. …" lines under "History steps:"), oldest first, earliest user turn
@@ -230,10 +226,9 @@ def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: in
     System, observation and earlier assistant turns, the image and the answer are never touched; if
     they alone exceed the budget the sample is rejected.
     """
-    newline_length = len(tokenizer.encode_text("\n"))
 
     def excess() -> int:
-        return _prompt_length(turns, num_image_tokens, newline_length) - budget
+        return _prompt_length(turns) - budget
 
     users = [t for t in turns[:-1] if t.role == "user"]
     steps_dropped = 0
@@ -250,7 +245,7 @@ def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: in
             break
         first_line = turn.content.split("\n", 1)[0]
         head_ids = tokenizer.encode_text(first_line)
-        rest_ids = tokenizer.encode_text(turn.content[len(first_line):])
+        rest_ids = tokenizer.encode_text(turn.content[len(first_line) :])
         turn.ids = head_ids + rest_ids
         cut = max(min(excess(), len(rest_ids)), 0)
         turn.ids = head_ids + rest_ids[cut:]
@@ -264,10 +259,11 @@ def _fit_prompt(turns: list[_Turn], tokenizer, num_image_tokens: int, budget: in
             tokens_cut += cut
             task_line_cut = True
     if excess() > 0:
-        length = _prompt_length(turns, num_image_tokens, newline_length)
+        length = _prompt_length(turns)
         raise EncodingError(
-            f"{name}: the prompt needs {length} tokens even with all user text removed "
-            f"(image = {num_image_tokens + 2}), more than max_input_length={budget}")
+            f"{name}: the prompt needs {length} text tokens even with all user text removed "
+            f"(the image comes on top), more than {budget_name}"
+        )
     return steps_dropped, tokens_cut, task_line_cut
 
 
@@ -277,21 +273,16 @@ def _cut_answer(answer: _Turn, budget: int | None) -> tuple[int, bool, bool]:
     A cut answer does NOT keep its end-of-turn token: that token means "the answer is complete", and
     attaching it to half an action would teach the model to stop in the middle of one.
     """
-    full = 1 + len(answer.ids) + 1
+    full = answer.header_length + len(answer.ids) + 1
     if budget is None or full <= budget:
         return 0, True, True
-    keep_text = max(budget - 1, 0)
+    keep_text = max(budget - answer.header_length, 0)
     cut = len(answer.ids) - keep_text
     answer.ids = answer.ids[:keep_text]
-    return cut, budget >= 1, False
+    return cut, budget >= answer.header_length, False
 
 
 # --- assembling ------------------------------------------------------------------------------------
-def _special_ids(tokenizer) -> dict[str, int]:
-    return {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id,
-            "observation": tokenizer.observation_id}
-
-
 def _end_of_turn_id(tokenizer, end_of_turn: str) -> int:
     if end_of_turn == "<|user|>":
         return tokenizer.user_id
@@ -300,31 +291,9 @@ def _end_of_turn_id(tokenizer, end_of_turn: str) -> int:
     raise ValueError(f"end_of_turn must be one of {END_OF_TURN_CHOICES}, got {end_of_turn!r}")
 
 
-def _build_segments(turns: list[_Turn], tokenizer, *, end_of_turn_id: int, keep_newline: bool,
-                    keep_end: bool, mode: Mode) -> list[Segment]:
-    """Lay the turns out in GLM-4's chat format with one supervision flag per segment."""
-    role_ids = _special_ids(tokenizer)
-    newline = tuple(tokenizer.encode_text("\n"))
-    official = mode == "official"
-    segments = [Segment("prefix", "prefix", (tokenizer.gmask_id, tokenizer.sop_id), False)]
-    last = len(turns) - 1
-    for i, turn in enumerate(turns):
-        is_answer = turn.role == "assistant"
-        follows_answer = i > 0 and turns[i - 1].role == "assistant"
-        # fixed: the role token right after an assistant turn is that turn's end-of-turn target.
-        role_supervised = (is_answer and official) or (follows_answer and not official)
-        segments.append(Segment(turn.role, "role", (role_ids[turn.role],), role_supervised, i))
-        if i == last and not keep_newline:
-            break
-        segments.append(Segment(turn.role, "newline", newline, is_answer, i))
-        if turn.has_image:
-            image_ids = (tokenizer.boi_id, tokenizer.eos_id, tokenizer.eoi_id)  # boi, placeholder, eoi
-            segments.append(Segment(turn.role, "image", image_ids, False, i))
-        if turn.ids:
-            segments.append(Segment(turn.role, "content", tuple(turn.ids), is_answer, i))
-    if keep_end:
-        segments.append(Segment("assistant", "end_of_turn", (end_of_turn_id,), not official, None))
-    return segments
+def _without_answer_header(segments: list[Segment], last: int) -> list[Segment]:
+    """An answer budget too small even for its "\\n": the last turn is its role token alone."""
+    return [s for s in segments if not (s.message_index == last and s.kind in ("newline", "content"))]
 
 
 def _load_image_tensor(source: Any, image_root: str | Path | None, tokenizer, name: str) -> torch.Tensor:
@@ -347,6 +316,7 @@ def encode_conversation(
     num_image_tokens: int,
     max_input_length: int | None = None,
     max_output_length: int | None = None,
+    max_model_length: int | None = None,
     end_of_turn: str = "<|user|>",
     mode: Mode = "fixed",
     image_root: str | Path | None = None,
@@ -356,38 +326,54 @@ def encode_conversation(
 
     messages: the official conversation dict or its message list; exactly one user turn has an
       `image` (a path, relative to `image_root`, or a PIL image).
-    num_image_tokens: patches the model splices in for the image (1600 full size, 64 tiny preset);
-      the length budgets count the image as num_image_tokens + 2.
-    max_input_length / max_output_length: budgets for the prompt and the last answer (None = no limit).
+    num_image_tokens: patches the model splices in for the image (1600 full size, 64 tiny preset).
+    max_input_length / max_output_length: text-id budgets of the prompt and of the last answer, as in
+      the official config (None = no limit); the image's num_image_tokens + 2 vectors come on top.
+    max_model_length: optional budget of everything the model sees after the splice, image included;
+      the prompt is truncated to fit it as well.
     end_of_turn: the token appended (and supervised) after the last answer.
     mode: "fixed" (this course's mask) or "official" (the official finetune's mask, for comparison).
     name: how errors refer to this sample, e.g. "train.jsonl:12".
     """
     if mode not in ("fixed", "official"):
         raise ValueError(f"mode must be 'fixed' or 'official', got {mode!r}")
-    for key, value in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
+    budgets = (
+        ("max_input_length", max_input_length),
+        ("max_output_length", max_output_length),
+        ("max_model_length", max_model_length),
+    )
+    for key, value in budgets:
         if value is not None and value < 0:
             raise ValueError(f"{key} must be None or >= 0, got {value}")
     end_of_turn_id = _end_of_turn_id(tokenizer, end_of_turn)
-    messages = _messages_of(messages, name)
-    check_role_order(messages, name)
-    image_index = find_image_message(messages, name)
-    turns = [_Turn(m["role"], m["content"], tokenizer.encode_text(m["content"]), i == image_index)
-             for i, m in enumerate(messages)]
+    messages = _checked_messages(messages, name)
+    image_index = next(i for i, m in enumerate(messages) if m.get("image") is not None)
+    turns = _turns(messages, tokenizer)
 
-    answer_cut, keep_newline, keep_end = _cut_answer(turns[-1], max_output_length)
+    answer = turns[-1]
+    answer_cut, keep_newline, keep_end = _cut_answer(answer, max_output_length)
+    answer_length = int(keep_newline) * answer.header_length + len(answer.ids) + int(keep_end)
+    budget, budget_name = _prompt_budget(max_input_length, max_model_length, num_image_tokens + 2, answer_length)
     steps_dropped, tokens_cut, task_line_cut = (0, 0, False)
-    if max_input_length is not None:
-        steps_dropped, tokens_cut, task_line_cut = _fit_prompt(
-            turns, tokenizer, num_image_tokens, max_input_length, name)
-    segments = _build_segments(turns, tokenizer, end_of_turn_id=end_of_turn_id, keep_newline=keep_newline,
-                               keep_end=keep_end, mode=mode)
+    if budget is not None:
+        steps_dropped, tokens_cut, task_line_cut = _fit_prompt(turns, tokenizer, budget, budget_name, name)
+    segments = render_conversation(
+        messages,
+        tokenizer,
+        supervise=mode,
+        content_ids=[turn.ids for turn in turns],
+        end_of_turn_id=end_of_turn_id if keep_end else None,
+    )
+    if not keep_newline:
+        segments = _without_answer_header(segments, len(turns) - 1)
 
     input_ids = [t for s in segments for t in s.ids]
     labels = [t if s.supervised else IGNORE_INDEX for s in segments for t in s.ids]
     if all(label == IGNORE_INDEX for label in labels):
-        raise EncodingError(f"{name}: no supervised token is left (max_output_length={max_output_length}); "
-                            "training on it would divide the loss by zero")
+        raise EncodingError(
+            f"{name}: no supervised token is left (max_output_length={max_output_length}); "
+            "training on it would divide the loss by zero"
+        )
     length = len(input_ids)
     return EncodedSample(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
@@ -412,8 +398,9 @@ class TrainingCollator:
     either side works for training because padded positions carry no label and no attention.
     """
 
-    def __init__(self, tokenizer, padding_side: Literal["right", "left"] = "right",
-                 pad_to_multiple_of: int | None = None):
+    def __init__(
+        self, tokenizer, padding_side: Literal["right", "left"] = "right", pad_to_multiple_of: int | None = None
+    ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -432,7 +419,7 @@ class TrainingCollator:
             if self.padding_side == "right":
                 out[b, : len(row)] = row
             else:
-                out[b, length - len(row):] = row
+                out[b, length - len(row) :] = row
         return out
 
     def __call__(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
@@ -460,8 +447,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     the JSONL file's folder; errors name the sample as "FILE sample INDEX".
     """
 
-    def __init__(self, path: str | Path, tokenizer, num_image_tokens: int, *, split: str | None = None,
-                 **encode_kwargs: Any):
+    def __init__(
+        self, path: str | Path, tokenizer, num_image_tokens: int, *, split: str | None = None, **encode_kwargs: Any
+    ):
         from cogagent_nb.data.validation import load_conversations
 
         path = Path(path)
@@ -476,5 +464,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> EncodedSample:
         return encode_conversation(
-            self.conversations[index], self.tokenizer, num_image_tokens=self.num_image_tokens,
-            image_root=self.path.parent, name=f"{self.path} sample {index}", **self.encode_kwargs)
+            self.conversations[index],
+            self.tokenizer,
+            num_image_tokens=self.num_image_tokens,
+            image_root=self.path.parent,
+            name=f"{self.path} sample {index}",
+            **self.encode_kwargs,
+        )

@@ -11,7 +11,9 @@ What it reproduces (spec: ``shared/reference/cogagent-9b-architecture.md`` §5; 
 - The chat template: ``[gMASK]<sop>`` once, then per message ``<|role|>`` + BPE(metadata + "\\n") +
   [``<|begin_of_image|> <|endoftext|> <|end_of_image|>`` if the message has an image] + BPE(content).
   Content is plain text: a literal ``<|user|>`` typed by a user is BPE-encoded, never a control token.
-  ``add_generation_prompt`` appends ``<|assistant|>`` alone (the model writes the "\\n").
+  ``add_generation_prompt`` appends ``<|assistant|>`` alone (the model writes the "\\n"). The layout is
+  rendered by `cogagent_nb.data.chat_format.render_conversation`, the same function the training
+  encoder uses, so inference and training see the same ids.
 - ``tokenizer(text)`` is the Hugging Face path: registered special strings in raw text *are* control
   tokens there, and ``[gMASK]<sop>`` is prepended. Padding is on the left with ``<|endoftext|>``.
 
@@ -34,11 +36,10 @@ import torch
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, BatchEncoding, PaddingStrategy
 
-from cogagent_nb.data.bpe import (GLM4_PAT_STR, SPECIAL_TOKENS, TINY_N_RANKS, read_tokenizer_model,
-                                      write_tokenizer_model)
+from cogagent_nb.data.bpe import GLM4_PAT_STR, SPECIAL_TOKENS, TINY_N_RANKS, read_tokenizer_model, write_tokenizer_model
+from cogagent_nb.data.chat_format import render_conversation
 from cogagent_nb.data.images import image_to_tensor, load_image
 
-ROLES: tuple[str, ...] = ("system", "user", "assistant", "observation")
 DEFAULT_IMAGE_SIZE = 1120  # CogAgent-9B / GLM-4V-9B
 # The course's tiny tokenizer (TINY_N_RANKS ranks learned from the demo dataset, specials after them).
 TINY_TOKENIZER_FILE: Path = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer.model"
@@ -125,7 +126,9 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         return (str(path),)
 
     # --- special tokens around raw text (the `tokenizer(text)` path) ------------------------------------
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         """``[gMASK] <sop> text`` (and ``… text_b <|endoftext|>`` for a pair), as upstream."""
         ids = [self.gmask_id, self.sop_id] + list(token_ids_0)
         if token_ids_1 is not None:
@@ -202,7 +205,9 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         Truncation is refused: cutting a templated conversation can split the image marker; use
         `cogagent_nb.data.encoding.encode_conversation` with length budgets instead.
         """
-        unused = {k: v for k, v in kwargs.items() if k not in ("chat_template", "tokenizer_kwargs", "add_special_tokens")}
+        unused = {
+            k: v for k, v in kwargs.items() if k not in ("chat_template", "tokenizer_kwargs", "add_special_tokens")
+        }
         if unused:
             raise TypeError(f"apply_chat_template got unexpected arguments: {sorted(unused)}")
         if truncation:
@@ -224,41 +229,19 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
     def _render_ids(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, image_root: str | os.PathLike | None
     ) -> tuple[list[int], torch.Tensor | None]:
-        ids = [self.gmask_id, self.sop_id]
-        image: torch.Tensor | None = None
-        for index, message in enumerate(messages):
-            role, content, metadata = _check_message(message, index)
-            ids.append(self.special_ids[f"<|{role}|>"])
-            ids += self.encode_text(metadata + "\n")
-            if _has_image(message):
-                if image is not None:
-                    raise ValueError(
-                        f"message {index} carries a second image; CogAgent supports one image per conversation"
-                    )
-                image = image_to_tensor(_open_image(message["image"], image_root, index), self.image_size)
-                ids += [self.boi_id, self.eos_id, self.eoi_id]
-            ids += self.encode_text(content)
-        if add_generation_prompt:
-            ids.append(self.assistant_id)
-        return ids, image
+        """The template's ids (`render_conversation`) and the screenshot as a tensor, if a message has one."""
+        segments = render_conversation(messages, self, add_generation_prompt=add_generation_prompt)
+        ids = [token for segment in segments for token in segment.ids]
+        image_index = next((s.message_index for s in segments if s.kind == "image"), None)
+        if image_index is None:
+            return ids, None
+        image = _open_image(messages[image_index]["image"], image_root, image_index)
+        return ids, image_to_tensor(image, self.image_size)
 
     def _render_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
-        parts = ["[gMASK]<sop>"]
-        seen_image = False
-        for index, message in enumerate(messages):
-            role, content, metadata = _check_message(message, index)
-            parts.append(f"<|{role}|>{metadata}\n")
-            if _has_image(message):
-                if seen_image:
-                    raise ValueError(
-                        f"message {index} carries a second image; CogAgent supports one image per conversation"
-                    )
-                seen_image = True
-                parts.append("<|begin_of_image|><|endoftext|><|end_of_image|>")
-            parts.append(content)
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        return "".join(parts)
+        """The rendered string: the same segments as `_render_ids`, special tokens written by name."""
+        segments = render_conversation(messages, self, add_generation_prompt=add_generation_prompt)
+        return "".join(segment.text for segment in segments)
 
     def _collate_rendered(
         self,
@@ -302,7 +285,11 @@ def _special_added_tokens(n_ranks: int, from_config: Mapping[int, Any] | None, s
         for i, content in enumerate(SPECIAL_TOKENS)
     }
     for index, token in (from_config or {}).items():
-        content = token.content if isinstance(token, AddedToken) else str(token.get("content") if isinstance(token, Mapping) else token)
+        content = (
+            token.content
+            if isinstance(token, AddedToken)
+            else str(token.get("content") if isinstance(token, Mapping) else token)
+        )
         expected = tokens.get(int(index))
         if expected is None or expected.content != content:
             raise ValueError(
@@ -327,26 +314,6 @@ def _as_batch(conversation: Any) -> tuple[list[Sequence[Mapping[str, Any]]], boo
     return [c["messages"] if isinstance(c, Mapping) else c for c in conversation], True
 
 
-def _check_message(message: Mapping[str, Any], index: int) -> tuple[str, str, str]:
-    if not isinstance(message, Mapping):
-        raise TypeError(f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}")
-    if message.get("tools"):
-        raise NotImplementedError(f"message {index}: messages with `tools` are not supported by this chat template")
-    role = message.get("role")
-    if role not in ROLES:
-        raise ValueError(f"message {index}: role {role!r} is not one of {ROLES}")
-    content = message.get("content")
-    content = "" if content is None else content
-    if not isinstance(content, str):
-        raise TypeError(f"message {index}: content must be a string, got {type(content).__name__}")
-    metadata = message.get("metadata") or ""
-    return role, content, str(metadata)
-
-
-def _has_image(message: Mapping[str, Any]) -> bool:
-    return message.get("image") is not None
-
-
 def _open_image(image: Any, image_root: str | os.PathLike | None, index: int):
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -358,7 +325,9 @@ def _open_image(image: Any, image_root: str | os.PathLike | None, index: int):
     return load_image(image)
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, tokenizer_model_file: str | os.PathLike, *, image_size: int) -> Path:
+def write_tokenizer_files(
+    out_dir: str | os.PathLike, tokenizer_model_file: str | os.PathLike, *, image_size: int
+) -> Path:
     """Write `tokenizer.model` + `tokenizer_config.json` into `out_dir` in the official GLM-4V layout.
 
     The config lists the special tokens at their ids (number of ranks + offset), left padding, and the
@@ -371,7 +340,12 @@ def write_tokenizer_files(out_dir: str | os.PathLike, tokenizer_model_file: str 
     shutil.copyfile(tokenizer_model_file, out_dir / "tokenizer.model")
     added = {
         str(n_ranks + i): {
-            "content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for i, content in enumerate(SPECIAL_TOKENS)
     }
@@ -388,5 +362,7 @@ def write_tokenizer_files(out_dir: str | os.PathLike, tokenizer_model_file: str 
         "tokenizer_class": "ChatGLM4Tokenizer",
         "image_size": int(image_size),
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return out_dir

@@ -9,9 +9,11 @@ JSONL file is one conversation, the official dict (wrapped here for reading)::
       {"role": "assistant",
        "content": "Action: Click the Settings icon.\\nGrounded Operation: CLICK(box=[[12,20,40,60]], element_info='Settings')"}]}
 
-Image paths are relative to the JSONL file's folder. Roles are user, assistant, system, observation;
+Image paths are relative to the JSONL file's folder. Roles are system, user, assistant, observation;
 the user turn carries the one screenshot, the assistant turn answers in one of the five formats of
-`actions.ANSWER_FORMATS`.
+`actions.ANSWER_FORMATS`. The conversation grammar (role order, the one screenshot on a user turn, the
+answer at the end) is `chat_format.conversation_problems`, the same function the encoder enforces:
+every problem it finds is an error here, so a file that validates without errors also encodes.
 
 Why a validator: the official `finetune.py` fails late and obscurely on bad data (a KeyError deep in
 the collator, or silently trains on a conversation without its image), and the fine-tuning README's
@@ -24,17 +26,22 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from cogagent_nb.data.actions import (ANSWER_FORMATS, Action, ActionParseError, Answer, answer_format_problems,
-                                 parse_answer)
+from cogagent_nb.data.actions import (
+    ANSWER_FORMATS,
+    Action,
+    ActionParseError,
+    Answer,
+    answer_format_problems,
+    parse_answer,
+)
 from cogagent_nb.data.boxes import box_problems
+from cogagent_nb.data.chat_format import conversation_problems
 from cogagent_nb.data.prompts import PromptParseError, PromptParts, parse_prompt, prompt_problems
-
-ROLES: tuple[str, ...] = ("user", "assistant", "system", "observation")
-"""The four roles of the GLM-4 chat template."""
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 """The official file names, ``{split}.jsonl`` (finetune.py reads train/dev/test)."""
@@ -132,6 +139,7 @@ def episode_around(conversations: list[dict[str, Any]], index: int) -> list[dict
     consecutive lines where step k carries k history lines. The episode therefore starts `k` lines
     before a step with k history lines, and runs on while the history keeps growing by one.
     """
+
     def history_length(conversation: dict[str, Any]) -> int:
         user = next(m for m in conversation["messages"] if m["role"] == "user")
         return len(parse_prompt(user["content"]).history)
@@ -140,7 +148,7 @@ def episode_around(conversations: list[dict[str, Any]], index: int) -> list[dict
     if start < 0 or history_length(conversations[start]) != 0:
         raise ValueError(f"sample {index} has history, but its earlier steps are not the lines before it")
     episode = [conversations[start]]
-    for conversation in conversations[start + 1:]:
+    for conversation in conversations[start + 1 :]:
         if history_length(conversation) != len(episode):
             break
         episode.append(conversation)
@@ -184,9 +192,13 @@ class _FileChecker:
             self.error(1, "file", f"cannot read: {exc.strerror or exc}")
             return self.report
         if raw.startswith(UTF8_BOM):
-            self.error(1, "encoding", "file starts with a UTF-8 byte-order mark (BOM), which json.loads "
-                       "rejects; save it as plain UTF-8 (e.g. open(..., encoding='utf-8'), not 'utf-8-sig')")
-            raw = raw[len(UTF8_BOM):]
+            self.error(
+                1,
+                "encoding",
+                "file starts with a UTF-8 byte-order mark (BOM), which json.loads "
+                "rejects; save it as plain UTF-8 (e.g. open(..., encoding='utf-8'), not 'utf-8-sig')",
+            )
+            raw = raw[len(UTF8_BOM) :]
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()  # the newline that ends the last line
@@ -203,9 +215,13 @@ class _FileChecker:
     def _report_pretty_printed(self, raw: bytes) -> None:
         """One error for the layout, then the first JSON syntax error of the document, decoded as a
         sequence of values (the README's example is several objects separated by commas)."""
-        self.error(1, "json", "the file is pretty-printed JSON, not JSONL: each conversation must be one "
-                   "whole line (the fine-tuning README's example is laid out on many lines; write each "
-                   "conversation with json.dumps(conversation, ensure_ascii=False) and a newline)")
+        self.error(
+            1,
+            "json",
+            "the file is pretty-printed JSON, not JSONL: each conversation must be one "
+            "whole line (the fine-tuning README's example is laid out on many lines; write each "
+            "conversation with json.dumps(conversation, ensure_ascii=False) and a newline)",
+        )
         text = raw.decode("utf-8", errors="replace")
         decoder, pos = json.JSONDecoder(), 0
         while True:
@@ -224,8 +240,12 @@ class _FileChecker:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            self.error(number, "encoding", f"not valid UTF-8 (byte {exc.start + 1} of the line, "
-                       f"{data[exc.start:exc.start + 1]!r}); re-save the file as UTF-8")
+            self.error(
+                number,
+                "encoding",
+                f"not valid UTF-8 (byte {exc.start + 1} of the line, "
+                f"{data[exc.start : exc.start + 1]!r}); re-save the file as UTF-8",
+            )
             return
         if not text.strip():
             self.warn(number, "line", "blank line (skipped; JSONL has one conversation per line)")
@@ -244,12 +264,12 @@ class _FileChecker:
             self.error(number, "record", f"a line must hold a JSON object, got {type(record).__name__}")
             return False
         messages = record.get("messages")
-        if not isinstance(messages, list):
-            what = "missing" if messages is None else f"must be a list, got {type(messages).__name__}"
-            self.error(number, "messages", f"{what} (each line is {{\"messages\": [...]}})")
+        if messages is None:
+            self.error(number, "messages", 'missing (each line is {"messages": [...]})')
             return False
-        if not messages:
-            self.error(number, "messages", "empty conversation")
+        if not isinstance(messages, list) or not messages:
+            for problem in conversation_problems(messages):  # "must be a list" / "empty conversation"
+                self.error(number, problem.field, problem.message)
             return False
         before = len(self.report.problems)
         ConversationChecker(self, number, messages).run()
@@ -278,72 +298,41 @@ class ConversationChecker:
         self.file.warn(self.line, field, message)
 
     def run(self) -> None:
-        images = []
+        for problem in conversation_problems(self.messages):  # the grammar the encoder enforces
+            self.error(problem.field, problem.message)
         for i, message in enumerate(self.messages):
-            where = f"messages[{i}]"
             if not isinstance(message, dict):
-                self.error(where, f"a message must be an object, got {type(message).__name__}")
-                continue
-            role = self.check_role(where, message)
+                continue  # reported by the grammar
+            where = f"messages[{i}]"
+            role = message.get("role")
             content = self.check_content(where, message)
-            if self.check_image(where, message, role):
-                images.append((i, role))
+            self.check_image(where, message)
             if content is not None and role == "user":
                 self.check_prompt(where, content)
             elif content is not None and role == "assistant":
                 self.check_answer(where, content)
-        self.check_turns(images)
-
-    def check_role(self, where: str, message: dict) -> str | None:
-        role = message.get("role")
-        if role is None:
-            self.error(f"{where}.role", "missing")
-        elif role not in ROLES:
-            self.error(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-            return None
-        return role
 
     def check_content(self, where: str, message: dict) -> str | None:
+        """The text, if there is some to check (a missing or non-string content is a grammar error)."""
         content = message.get("content")
-        if content is None:
-            self.error(f"{where}.content", "missing")
-        elif not isinstance(content, str):
-            self.error(f"{where}.content", f"must be a string, got {type(content).__name__}")
-        elif not content.strip():
+        if not isinstance(content, str):
+            return None
+        if not content.strip():
             self.error(f"{where}.content", "empty")
-        else:
-            return content
-        return None
+            return None
+        return content
 
-    def check_image(self, where: str, message: dict, role: str | None) -> bool:
-        """True when the message carries an image (usable or not), for the one-image rule."""
+    def check_image(self, where: str, message: dict) -> None:
+        """The image must be a path to a file PIL can open (where it may be is the grammar's part)."""
         image = message.get("image")
         if image is None:
-            return False
+            return
         if not isinstance(image, str) or not image.strip():
             self.error(f"{where}.image", f"must be a non-empty path string, got {image!r}")
-            return True
-        if role is not None and role != "user":
-            self.error(f"{where}.image", f"image on the {role} turn; the screenshot belongs to the user turn")
+            return
         problem = self.file.image_problem(image)
         if problem:
             self.error(f"{where}.image", problem)
-        return True
-
-    def check_turns(self, images: list[tuple[int, str | None]]) -> None:
-        roles = [m.get("role") for m in self.messages if isinstance(m, dict)]
-        for i, _ in images[1:]:
-            self.error(f"messages[{i}].image", f"more than one image in the conversation (first in "
-                       f"messages[{images[0][0]}]); CogAgent takes exactly one screenshot")
-        if not any(role == "user" for _, role in images):
-            self.error("messages", "no user turn with an image; CogAgent needs one screenshot per "
-                       "conversation (add \"image\": \"images/<file>.png\" to the user turn)")
-        if not all(role in ROLES for role in roles):
-            return  # a bad role is already reported; "no assistant turn" would only repeat it
-        if "assistant" not in roles:
-            self.error("messages", "no assistant turn: nothing to learn from this conversation")
-        elif roles and roles[-1] != "assistant":
-            self.warn("messages", f"the conversation ends with a {roles[-1]!r} turn, which is never trained on")
 
     def check_prompt(self, where: str, content: str) -> None:
         try:
@@ -422,14 +411,18 @@ def _looks_pretty_printed(lines: list[bytes]) -> bool:
 
 def _json_hint(exc: json.JSONDecodeError) -> str:
     """A how-to-fix hint for the usual mistakes, found by looking around the error position."""
-    before = exc.doc[:exc.pos].rstrip()
-    after = exc.doc[exc.pos:].split("\n", 1)[0]
+    before = exc.doc[: exc.pos].rstrip()
+    after = exc.doc[exc.pos :].split("\n", 1)[0]
     if exc.msg.startswith("Expecting") and before.endswith(",") and after.lstrip()[:1] in ("}", "]"):
-        return (" -- a trailing comma before '" + after.lstrip()[0] + "': JSON allows none, remove it "
-                "(the fine-tuning README's example has one after its last message)")
+        return (
+            " -- a trailing comma before '" + after.lstrip()[0] + "': JSON allows none, remove it "
+            "(the fine-tuning README's example has one after its last message)"
+        )
     if exc.msg.startswith(("Expecting ',' delimiter", "Expecting ':' delimiter")) and before.endswith('"'):
-        return (" -- probably an unescaped double quote inside a string: write it as \\\" (or use “ ” or "
-                "single quotes in the text); json.dumps escapes it for you")
+        return (
+            ' -- probably an unescaped double quote inside a string: write it as \\" (or use “ ” or '
+            "single quotes in the text); json.dumps escapes it for you"
+        )
     if exc.msg.startswith("Expecting property name") and after[:1] == "'":
         return " -- JSON needs double quotes; write lines with json.dumps, not str() of a Python dict"
     if exc.msg.startswith("Invalid control character"):
@@ -454,10 +447,12 @@ def _mixed_order_problems(orders: list[tuple[str, int, str, str]]) -> list[Probl
     minority, majority = sorted(by_order, key=lambda o: len(by_order[o]))
     first_file, first_line = by_order[minority][0]
     several_files = len({file for file, *_ in orders}) > 1
-    message = (f"the dataset mixes prompt orders: {len(by_order[minority])} prompt(s) in {minority!r} "
-               f"order ({_lines(by_order[minority], several_files)}) vs {len(by_order[majority])} in "
-               f"{majority!r} order ({_lines(by_order[majority], several_files)}); build all prompts with one "
-               f"build_prompt(order=...)")
+    message = (
+        f"the dataset mixes prompt orders: {len(by_order[minority])} prompt(s) in {minority!r} "
+        f"order ({_lines(by_order[minority], several_files)}) vs {len(by_order[majority])} in "
+        f"{majority!r} order ({_lines(by_order[majority], several_files)}); build all prompts with one "
+        f"build_prompt(order=...)"
+    )
     return [Problem(first_file, first_line, fields[(first_file, first_line)], message, "warning")]
 
 
