@@ -14,9 +14,9 @@ def test_tiny_preset_matches_the_documented_architecture() -> None:
     config = CogAgentConfig.from_preset("tiny")
     assert (config.hidden_size, config.num_layers, config.num_attention_heads) == (128, 2, 4)
     assert (config.multi_query_group_num, config.kv_channels, config.ffn_hidden_size) == (2, 32, 256)
-    assert config.padded_vocab_size == 1088
-    assert config.eos_token_id == [1024, 1031, 1033]
-    assert (config.pad_token_id, config.boi_token_id, config.eoi_token_id) == (1024, 1034, 1035)
+    assert config.padded_vocab_size == 832
+    assert config.eos_token_id == [768, 775, 777]
+    assert (config.pad_token_id, config.boi_token_id, config.eoi_token_id) == (768, 778, 779)
     assert config.original_rope is False and config.layernorm_epsilon == 1e-5
     vision = config.vision_config
     assert (vision["image_size"], vision["patch_size"], vision["num_positions"]) == (224, 14, 257)

@@ -9,7 +9,7 @@ import torch
 from cogagent_nb.model.configuration import CogAgentConfig
 from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
-EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 1024, 1026, 1028, 1031, 1032, 1034, 1035
+EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 768, 770, 772, 775, 776, 778, 779
 
 
 def make_prompt(text: list[int], image_at: int = 1) -> list[int]:
@@ -38,7 +38,7 @@ def images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
 
 
-ROWS = [make_prompt(list(range(700, 730)), image_at=3), make_prompt(list(range(800, 811)), image_at=1)]
+ROWS = [make_prompt(list(range(700, 730)), image_at=3), make_prompt(list(range(600, 611)), image_at=1)]
 
 
 def _greedy(model, inputs: dict, images: torch.Tensor, use_cache: bool, new: int = 8) -> torch.Tensor:

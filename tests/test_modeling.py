@@ -21,8 +21,8 @@ from cogagent_nb.model.modeling import (
     splice_image,
 )
 
-# Tiny special ids (tiny tokenizer: 1024 ranks, then the 14 GLM-4 specials).
-EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 1024, 1026, 1028, 1031, 1032, 1034, 1035
+# Tiny special ids (tiny tokenizer: 768 ranks, then the 14 GLM-4 specials).
+EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 768, 770, 772, 775, 776, 778, 779
 
 
 def make_prompt(text: list[int], image_at: int = 1) -> list[int]:
@@ -320,7 +320,7 @@ def test_forward_backward_reaches_every_parameter(images) -> None:
     labels[:, :10] = -100
     out = model(input_ids=ids, images=images[:2], labels=labels)
     n = model.config.num_image_tokens
-    assert out.logits.shape == (2, ids.shape[1] + n - 1, 1088)
+    assert out.logits.shape == (2, ids.shape[1] + n - 1, 832)
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []

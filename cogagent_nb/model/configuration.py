@@ -278,8 +278,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "source": "this project: the 9B architecture at CPU size (GQA 4:2, half-rotary RoPE, post-norm "
-        "EVA2-CLIP, 2x2 conv, GLU adapter, boi/eoi); vocabulary of the tiny tokenizer (1024 ranks + "
-        "14 specials at 1024-1037, padded to 1088)",
+        "EVA2-CLIP, 2x2 conv, GLU adapter, boi/eoi); vocabulary of the tiny tokenizer (768 ranks, "
+        "digits as single tokens, + 14 specials at 768-781, padded to 832)",
         "fields": {
             "architectures": ["ChatGLMForConditionalGeneration"],
             "num_layers": 2,
