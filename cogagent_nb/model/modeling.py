@@ -560,6 +560,12 @@ class CogAgentPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, PatchEmbedding):
             init.normal_(module.cls_embedding, mean=0.0, std=std)
+            # Optional, tiny preset only: a larger spread for the patch positions, so that where a patch
+            # lies is as visible in its vector as what it shows (runs after the nn.Embedding branch:
+            # children are initialised first). The 9B configs have no such key and keep `std`.
+            position_std = self.config.vision_config.get("position_embedding_std")
+            if position_std is not None:
+                init.normal_(module.position_embedding.weight, mean=0.0, std=position_std)
         elif isinstance(module, EVA2CLIPModel):
             init.normal_(module.boi, mean=0.0, std=std)
             init.normal_(module.eoi, mean=0.0, std=std)

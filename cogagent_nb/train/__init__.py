@@ -1,0 +1,1 @@
+"""Fine-tuning: the official config files and command line, the Trainer, checkpoints and resume."""
