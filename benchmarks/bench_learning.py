@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--eval-episodes", type=int, default=96, help="held-out episodes (96 = about 456 samples)")
+    parser.add_argument(
+        "--untrained-episodes",
+        type=int,
+        default=None,
+        help="held-out episodes for the untrained row (default: all; generation runs to the limit)",
+    )
     parser.add_argument("--baseline-episodes", type=int, default=400, help="training episodes for the box baselines")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core CPU)")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
@@ -103,6 +109,13 @@ def _vocab(tokenizer) -> dict:
     return vocabulary_fields(len(read_tokenizer_model(TINY_TOKENIZER_FILE)))
 
 
+def _samples(held_out: list[dict], episodes: int | None) -> int:
+    """How many held-out samples the first `episodes` episodes hold (all when None)."""
+    if episodes is None:
+        return len(held_out)
+    return len(list(g.episode_conversations(g.EVAL_SEED, 0, episodes)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
 
     started = time.perf_counter()
-    results["untrained"], _ = g.model_rates(model, tokenizer, held_out)
+    results["untrained"], _ = g.model_rates(model, tokenizer, held_out[: _samples(held_out, args.untrained_episodes)])
     results.update(g.baseline_rates(held_out, seen))
     print(f"baselines in {time.perf_counter() - started:.0f} s", flush=True)
 

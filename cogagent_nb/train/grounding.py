@@ -33,6 +33,10 @@ from cogagent_nb.data.actions import Action, parse_answer
 from cogagent_nb.data.encoding import EncodedSample, TrainingCollator, encode_conversation
 from cogagent_nb.data.synthetic import episode_samples, grounding_samples, make_episode
 
+COURSE_MINUTES: dict[str, float] = {"notebook": 3.0, "full": 10.0}
+"""CPU minutes of `train_tiny` for the course: the notebook default, and the `-p train_minutes 10` run
+whose figures docs/BENCHMARKS.md records (`benchmarks/bench_learning.py --minutes 10`)."""
+
 TRAIN_SEED = 1
 """Seed of the training stream's episodes (the committed demo set is seed 0)."""
 EVAL_SEED = 1_000
@@ -41,17 +45,17 @@ EVAL_SEED = 1_000
 
 # --- data ---------------------------------------------------------------------------------------------------
 def episode_conversations(
-    seed: int, start: int, count: int, *, grounding_per_step: int = 0
+    seed: int, start: int, count: int, *, grounding_per_step: int = 0, steps: bool = True
 ) -> Iterator[dict[str, Any]]:
     """Conversations (images as PIL images) of episodes `start ... start + count - 1` for `seed`.
 
-    Each episode's steps come first, then `grounding_per_step` "click X" samples per screen
+    Each episode's steps come first (unless `steps` is False), then `grounding_per_step` "click X" samples per screen
     (`synthetic.grounding_samples`); every conversation carries its episode's `platform`.
     """
     for index in range(start, start + count):
         episode = make_episode(index, seed=seed)
         names = [f"episode {index} step {step}" for step in range(len(episode.steps))]
-        for step, sample in zip(episode.steps, episode_samples(episode, names)):
+        for step, sample in zip(episode.steps, episode_samples(episode, names) if steps else ()):
             user, answer = sample["messages"]
             yield {"messages": [{**user, "image": step.image}, answer], "platform": episode.platform}
         if grounding_per_step:
@@ -77,18 +81,21 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         seed: int = TRAIN_SEED,
         start: int = 0,
         grounding_per_step: int = 0,
+        steps: bool = True,
         pool_batches: int = 8,
         **encode_kwargs: Any,
     ) -> None:
         self.tokenizer, self.num_image_tokens, self.batch_size = tokenizer, num_image_tokens, batch_size
-        self.seed, self.start, self.grounding_per_step = seed, start, grounding_per_step
+        self.seed, self.start, self.grounding_per_step, self.steps = seed, start, grounding_per_step, steps
         self.pool_batches, self.encode_kwargs = pool_batches, encode_kwargs
         self.collate = TrainingCollator(tokenizer)
 
     def _encoded(self) -> Iterator[EncodedSample]:
         index = self.start
         while True:
-            for conversation in episode_conversations(self.seed, index, 1, grounding_per_step=self.grounding_per_step):
+            for conversation in episode_conversations(
+                self.seed, index, 1, grounding_per_step=self.grounding_per_step, steps=self.steps
+            ):
                 yield encode_conversation(
                     conversation["messages"],
                     self.tokenizer,
@@ -325,3 +332,28 @@ def format_report(results: dict[str, dict]) -> str:
             f"{row['type_accuracy']:7.1%} {row['step_success']:7.1%}"
         )
     return "\n".join(lines)
+
+
+def grounding_report(
+    model,
+    tokenizer,
+    *,
+    eval_episodes: int = 96,
+    baseline_episodes: int = 400,
+    untrained: dict | None = None,
+    batch_size: int = 32,
+) -> dict[str, dict]:
+    """The comparison of issue 10 on held-out episodes (seed `EVAL_SEED`), rows as in `REPORT_ROWS`.
+
+    `untrained`: the rates of the same model before training (`model_rates` on the held-out episodes),
+    measured by the caller before it trains; left out of the table when None. The text-only and
+    most-common-box rows use `baseline_episodes` episodes of the training distribution.
+    Print it with `format_report`.
+    """
+    held_out = list(episode_conversations(EVAL_SEED, 0, eval_episodes))
+    seen = list(episode_conversations(TRAIN_SEED, 10**6, baseline_episodes))
+    results = {} if untrained is None else {"untrained": untrained}
+    results.update(baseline_rates(held_out, seen))
+    results["blank image"], _ = model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)
+    results["trained"], _ = model_rates(model, tokenizer, held_out, batch_size=batch_size)
+    return results
