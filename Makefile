@@ -20,7 +20,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup course test lint clean-venv
+.PHONY: setup course test lint clean-venv wheelhouse
 
 setup: $(STAMP)
 
@@ -33,8 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 course: $(STAMP)
-	mkdir -p $(RUN_DIR)
-	$(BIN)/python -m cogagent_nb.course --out $(RUN_DIR) $(NOTEBOOKS)
+	$(BIN)/cogagent-nb course --out $(RUN_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --nbval-lax tests notebooks
@@ -45,3 +44,9 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# For a room without internet: every wheel the course needs (CPU torch included) into wheelhouse/.
+# Copy the repository with wheelhouse/ to each laptop, then:
+#   python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheelhouse -e ".[dev]"
+wheelhouse: $(STAMP)
+	$(BIN)/python -m pip wheel --quiet --wheel-dir wheelhouse $(TORCH_SPEC) ".[dev]"

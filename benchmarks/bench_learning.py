@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help='"click X" samples per training screen, beside the episode step itself',
     )
+    parser.add_argument(
+        "--grounding-first",
+        type=float,
+        default=0.0,
+        help="fraction of the budget spent on grounding samples alone before the episodes",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
@@ -91,14 +97,14 @@ def build(args: argparse.Namespace):
     """The tokenizer and a random tiny model (preset plus `--override`s) written and loaded as a course user would."""
     import cogagent_nb as cnb
     from cogagent_nb.model.configuration import CogAgentConfig
-    from cogagent_nb.model.loading import build_random_model
+    from cogagent_nb.model.loading import init_model
 
     directory = Path(tempfile.mkdtemp(prefix="bench_learning_"))
     tokenizer, _ = cnb.load(cnb.make_tiny_model(directory, seed=args.seed))
     changes = _overrides(args.override)
-    config = CogAgentConfig.from_preset("tiny", **{**_vocab(tokenizer), **changes["top"]})
-    config.vision_config.update(changes["vision"])
-    return tokenizer, build_random_model(config, seed=args.seed), changes
+    vision = {"vision_config": changes["vision"]} if changes["vision"] else {}  # merged onto the tiny tower
+    config = CogAgentConfig.from_preset("tiny", **{**_vocab(tokenizer), **changes["top"], **vision})
+    return tokenizer, init_model(config, seed=args.seed).float(), changes
 
 
 def _vocab(tokenizer) -> dict:
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         grounding_per_step=args.grounding_per_step,
+        grounding_first=args.grounding_first,
     )
     started = time.perf_counter()
     results["blank image"], _ = g.model_rates(model, tokenizer, held_out, blank_images=True)

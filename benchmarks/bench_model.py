@@ -40,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .
     sys.path.insert(0, str(REPO_ROOT))
 
 from cogagent_nb.model.configuration import CogAgentConfig  # noqa: E402
-from cogagent_nb.model.modeling import CogAgentForConditionalGeneration  # noqa: E402
+from cogagent_nb.model.loading import init_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,18 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(
     config: CogAgentConfig, device: torch.device, dtype: torch.dtype, seed: int, meta_init: bool
 ) -> torch.nn.Module:
-    """Random weights on `device`. With meta_init: build on meta (no memory, no init), allocate on the
-    device, initialise there — seconds for the 9B on a GPU instead of minutes of CPU init and a copy."""
-    torch.manual_seed(seed)
+    """Random weights on `device` (`init_model`). With meta_init: built on meta, allocated and initialised on
+    the device — seconds for the 9B on a GPU instead of minutes of CPU init and a copy."""
     if meta_init:
-        with torch.device("meta"):
-            model = CogAgentForConditionalGeneration(config)
-        model = model.to(dtype).to_empty(device=device)
-        with torch.no_grad():
-            model.init_weights()
-    else:
-        model = CogAgentForConditionalGeneration(config).to(dtype)
-    return model
+        return init_model(config, seed=seed, dtype=dtype, device=device)
+    return init_model(config, seed=seed, dtype=dtype).to(device)
 
 
 def configure_training(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module | None:
@@ -137,7 +130,7 @@ def synthetic_batch(
     ids = torch.randint(0, special_floor, (batch, n_ids), generator=g)
     boi_at = 2  # after [gMASK]<sop>-like text, as in the chat template
     ids[:, boi_at : boi_at + 3] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
-    size = config.vision_config["image_size"]
+    size = config.image_size
     images = torch.randn(batch, 3, size, size, generator=g)
     return {
         "input_ids": ids.to(device),

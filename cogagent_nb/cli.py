@@ -91,10 +91,241 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- infer and evaluate (infer module) ----------------------------------------------------------------
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `infer` and `evaluate`: which weights, and how to generate."""
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter folder to load on top of MODEL_DIR")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights before generating")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: where load() puts it)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample")
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+
+
+def _input_errors_as_messages(handler):
+    """Bad input (a missing file, invalid JSONL, a model folder without tokenizer) ends with one line naming
+    the file, exit status 2, instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"cogagent-nb {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
+
+
+def _load_model(args: argparse.Namespace):
+    from cogagent_nb.infer.generate import load_for_inference
+
+    return load_for_inference(
+        args.model_dir, adapter=args.adapter, merge=args.merge, dtype=args.dtype, device=args.device
+    )
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    from cogagent_nb.data.actions import ANSWER_FORMATS
+
+    p = sub.add_parser("infer", help="one agent step: screenshot + task -> answer, action, box in pixels, PNG")
+    p.add_argument("model_dir", type=Path, help="official-format model folder (config.json, weights, tokenizer)")
+    p.add_argument("--image", type=Path, required=True, help="the screenshot")
+    p.add_argument("--task", required=True, help="what the agent should do")
+    p.add_argument("--platform", default="WIN", help="Mac, WIN or Mobile (case sensitive; default WIN)")
+    p.add_argument("--format", default="Action-Operation-Sensitive", choices=ANSWER_FORMATS, dest="answer_format")
+    p.add_argument(
+        "--history",
+        nargs="*",
+        default=[],
+        metavar="OP<TAB>ACTION",
+        help="earlier steps, one argument each: the Grounded Operation, a tab (or ' || '), the Action sentence",
+    )
+    p.add_argument("--out", type=Path, default=None, help="where to save the screenshot with the box (PNG)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    _add_model_options(p)
+    p.set_defaults(handler=_input_errors_as_messages(_run_infer))
+
+
+def _history_pairs(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for number, item in enumerate(items):
+        separator = "\t" if "\t" in item else " || "
+        if separator not in item:
+            raise SystemExit(f"--history item {number}: {item!r} needs OPERATION<TAB>ACTION or 'OPERATION || ACTION'")
+        operation, action = item.split(separator, 1)
+        pairs.append((operation.strip(), action.strip()))
+    return pairs
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    import json
+
+    from cogagent_nb.infer.generate import predict
+    from cogagent_nb.viz.predictions import prediction_image
+
+    history = _history_pairs(args.history)
+    if not args.image.is_file():  # before the model loads, which takes minutes on the 9B
+        raise FileNotFoundError(f"{args.image}: no such image")
+    tokenizer, model = _load_model(args)
+    prediction = predict(
+        model,
+        tokenizer,
+        args.image,
+        args.task,
+        platform=args.platform,
+        answer_format=args.answer_format,
+        history=history,
+        **_settings(args),
+    )
+    print(prediction)
+    out = args.out or args.image.with_name(args.image.stem + "_prediction.png")
+    prediction_image(prediction).save(out)
+    print(f"drawn: {out}")
+    if args.json:
+        args.json.write_text(json.dumps(prediction.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"json: {args.json}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from cogagent_nb.infer.evaluate import IMAGE_MODES
+
+    p = sub.add_parser("evaluate", help="GUI metrics of a model on a CogAgent JSONL file (click-in-box, ...)")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("data", type=Path, help="a JSONL file, e.g. data/CogAgentData/test.jsonl")
+    p.add_argument("--json", type=Path, default=None, help="write the full report (every sample) as JSON")
+    p.add_argument(
+        "--figure", type=Path, default=None, help="PNG of predicted vs target boxes (default: beside --json)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--images", choices=IMAGE_MODES, default="screenshots", help="blank/shuffled: the grounding check")
+    _add_model_options(p)
+    p.set_defaults(handler=_input_errors_as_messages(_run_evaluate))
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from cogagent_nb.infer.evaluate import evaluate, read_eval_samples
+
+    read_eval_samples(args.data, limit=args.limit)  # bad data fails here, before the model loads
+    tokenizer, model = _load_model(args)
+    report = evaluate(
+        model, tokenizer, args.data, limit=args.limit, batch_size=args.batch_size, images=args.images, **_settings(args)
+    )
+    print(report)
+    if args.json:
+        print(f"json: {report.write_json(args.json)}")
+    figure = args.figure or (args.json.with_suffix(".png") if args.json else None)
+    if figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from cogagent_nb.viz.predictions import show_box_predictions
+
+        fig = show_box_predictions(report)
+        fig.savefig(figure, dpi=110)
+        print(f"figure: {figure}")
+    return 0
+
+
+# --- finetune / merge (train module) ------------------------------------------------------------------
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from cogagent_nb.train.finetune import add_arguments
+
+    p = sub.add_parser("finetune", help="fine-tune CogAgent: DATA_DIR MODEL_DIR CONFIG [RESUME] (official CLI)")
+    add_arguments(p)
+    p.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from cogagent_nb.train.finetune import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model: BASE ADAPTER OUT")
+    p.add_argument("base", type=Path, help="the base model folder the adapter was trained on")
+    p.add_argument("adapter", type=Path, help="a LoRA checkpoint folder (adapter_config.json + weights)")
+    p.add_argument("out", type=Path, help="new folder for the merged official-format model")
+    p.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from cogagent_nb.train.export import merge_lora
+
+    out = merge_lora(args.base, args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.base}: {out}")
+    return 0
+
+
+# --- course (runs the notebooks) ---------------------------------------------------------------------
+def _add_course(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "course",
+        help="run the lesson notebooks in order (papermill), write the executed copies, a summary and a site",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/course-<time>)")
+    p.add_argument("--notebooks", type=Path, default=Path("notebooks"), help="folder of NN_*.ipynb lessons")
+    p.add_argument("--only", nargs="+", default=[], metavar="NN", help="run only these lesson numbers")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter for every lesson that declares it (value read as YAML)",
+    )
+    p.add_argument("-f", "--parameters-file", action="append", default=[], type=Path, help="a YAML file of parameters")
+    p.add_argument("--no-site", action="store_true", help="skip the HTML rendering")
+    p.set_defaults(handler=_run_course)
+
+
+def _run_course(args: argparse.Namespace) -> int:
+    import time
+
+    from cogagent_nb.course import find_lessons, read_parameters, run_course
+
+    lessons = find_lessons(args.notebooks, args.only)
+    out = args.out or Path("runs") / time.strftime("course-%Y%m%d-%H%M%S")
+    runs = run_course(lessons, out, read_parameters(args.parameter, args.parameters_file), site=not args.no_site)
+    failed = [r for r in runs if not r.ok]
+    print(f"{len(runs) - len(failed)} of {len(lessons)} lessons ran; executed notebooks and summary in {out}")
+    if not args.no_site:
+        print(f"site: {out / 'site' / 'index.html'}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogagent-nb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_validate, _add_make_demo_data, _add_make_tiny_tokenizer, _add_make_tiny_model):
+    for add in (
+        _add_validate,
+        _add_make_demo_data,
+        _add_make_tiny_tokenizer,
+        _add_make_tiny_model,
+        _add_finetune,
+        _add_merge,
+        _add_infer,
+        _add_evaluate,
+        _add_course,
+    ):
         add(sub)
     return parser
 

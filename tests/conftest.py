@@ -53,3 +53,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from cogagent_nb.model.loading import make_tiny_model
 
     return Path(make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset (6 episodes: 19 train, 4 dev, 4 test samples), written once per session."""
+    from cogagent_nb.data.synthetic import make_demo_data
+
+    out = tmp_path_factory.mktemp("tiny-train-data")
+    make_demo_data(out, seed=7, episodes=6, progress=False)
+    return out

@@ -44,7 +44,7 @@ def batch(tiny_model_dir):
     ids = torch.cat([prefix.expand(n, -1), torch.randint(0, 400, (n, text), generator=g)], dim=1)
     labels = ids.clone()
     labels[:, : len(prefix) + 4] = -100  # supervise only the last tokens, as a chat answer
-    size = model.config.vision_config["image_size"]
+    size = model.config.image_size
     return {
         "input_ids": ids,
         "labels": labels,
@@ -101,7 +101,7 @@ def test_official_defaults():
     ],
 )
 def test_lora_scope_decides_which_modules_are_adapted(model, scope, targets, language_per_layer, vision_per_layer):
-    n_language, n_vision = model.config.num_layers, model.config.vision_config["num_hidden_layers"]
+    n_language, n_vision = model.config.num_layers, model.config.vision_config.num_hidden_layers
     adapted = adapted_modules(add_lora(model, scope=scope, target_modules=targets))
     language = [name for name in adapted if name.startswith("transformer.encoder.layers.")]
     vision = [name for name in adapted if name.startswith("transformer.vision.transformer.layers.")]

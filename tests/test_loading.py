@@ -44,7 +44,7 @@ def image_batch(tokenizer, model, n: int = 2, seed: int = 0) -> dict[str, torch.
     text = torch.randint(0, 500, (n, 9), generator=g)
     triple = torch.tensor([tokenizer.boi_id, tokenizer.eos_id, tokenizer.eoi_id]).expand(n, 3)
     ids = torch.cat([torch.tensor([tokenizer.gmask_id, tokenizer.sop_id]).expand(n, 2), triple, text], dim=1)
-    size = model.config.vision_config["image_size"]
+    size = model.config.image_size
     return {"input_ids": ids, "images": torch.randn(n, 3, size, size, generator=g), "labels": ids.clone()}
 
 
@@ -292,12 +292,11 @@ def test_tiny_config_matches_the_tiny_tokenizer(tiny):
 def test_load_reads_the_official_reference_checkpoint(parity_dir):
     """The parity case was written by the official tooling: every key but inv_freq maps onto a parameter,
     and the inv_freq we write into tiny files equals the one the official files store."""
-    from cogagent_nb.model.loading import rotary_inv_freq
 
     tokenizer, model = load(parity_dir)
     stored = load_file(parity_dir / "model.safetensors")
     inv_freq = stored.pop("transformer.rotary_pos_emb.inv_freq")
     assert stored.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in stored.items())
-    torch.testing.assert_close(rotary_inv_freq(model.config), inv_freq)
+    torch.testing.assert_close(model.config.rotary_inv_freq(), inv_freq)
     assert tokenizer.boi_id == model.config.boi_token_id

@@ -22,7 +22,7 @@ def dev(demo_data_dir: Path) -> list[dict]:
 def test_show_sample_draws_history_and_target_boxes(dev: list[dict], demo_data_dir: Path) -> None:
     for conversation in dev[:8]:
         view = read_sample(conversation, demo_data_dir)
-        ax = show_sample(conversation, demo_data_dir)
+        ax = show_sample(conversation, demo_data_dir, history=True)
         boxed_history = sum(step.operation.box is not None for step in view.prompt.history)
         has_target = view.operation is not None and view.operation.box is not None
         assert len(ax.patches) == boxed_history + has_target
@@ -34,7 +34,7 @@ def test_show_sample_without_history_draws_only_the_target(dev: list[dict], demo
     conversation = next(
         c for c in dev if "\n1. " in c["messages"][0]["content"] and "box=" in c["messages"][1]["content"]
     )
-    ax = show_sample(conversation, demo_data_dir, history=False)
+    ax = show_sample(conversation, demo_data_dir)  # history boxes only when asked
     assert len(ax.patches) == 1
     plt.close(ax.figure)
 

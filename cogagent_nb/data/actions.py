@@ -22,8 +22,11 @@ Sources: THUDM/CogAgent `README.md` (answer formats, sensitivity tags) and `Acti
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Union
+
+from cogagent_nb.data.boxes import Box
 
 # --- the vocabulary -------------------------------------------------------------------------------------
 
@@ -47,8 +50,7 @@ END_TAG = "<<END>>"
 SENSITIVITY: tuple[str, ...] = (GENERAL_TAG, SENSITIVE_TAG, GENERAL_TAG_EN, SENSITIVE_TAG_EN)
 """The sensitivity tags that close a `...-Sensitive` answer (the model itself writes the Chinese ones)."""
 
-Box = tuple[int, int, int, int]
-ArgValue = Union[str, int, bool, None, Box, tuple["Action", ...]]
+ArgValue = Union[str, int, bool, None, Box, tuple["Action", ...]]  # noqa: UP007 (runtime alias, forward ref)
 
 # Parameters of each action: (required, optional). Order = the order `format_operation` prefers.
 _MOUSE = (("box",), ("element_type", "element_info"))
@@ -190,7 +192,7 @@ def _parse_value(name: str, key: str, body: str, pos: int, allowed: tuple[str, .
         return _parse_box(name, body, pos)
     if key == "actions":
         return _parse_gesture_list(body, pos)
-    if body[pos:pos + 1] in ("'", '"'):
+    if body[pos : pos + 1] in ("'", '"'):
         text, end = _parse_string(body, pos, allowed)
         return _typed(name, key, text), end
     bare = re.match(r"[^,]*", body[pos:]).group(0)
@@ -205,8 +207,8 @@ def _parse_string(body: str, pos: int, allowed: tuple[str, ...]) -> tuple[str, i
     closing = re.compile(rf"{quote}(?=\s*$|\s*,\s*(?:{keys})\s*=)", re.DOTALL)
     match = closing.search(body, pos + 1)
     if not match:
-        raise ActionParseError(f"unterminated string starting at {body[pos:pos + 40]!r}")
-    return body[pos + 1:match.start()], match.end()
+        raise ActionParseError(f"unterminated string starting at {body[pos : pos + 40]!r}")
+    return body[pos + 1 : match.start()], match.end()
 
 
 def _typed(name: str, key: str, text: str, bare: bool = False) -> ArgValue:
@@ -232,11 +234,10 @@ def _parse_box(name: str, body: str, pos: int) -> tuple[Box, int]:
     `boxes.box_problems`' job, so that a validator can say *which* rule a box breaks."""
     match = _BOX.match(body, pos)
     if not match:
-        raise ActionParseError(f"{name}: box must look like [[x1,y1,x2,y2]], got {body[pos:pos + 30]!r}")
+        raise ActionParseError(f"{name}: box must look like [[x1,y1,x2,y2]], got {body[pos : pos + 30]!r}")
     parts = [p.strip() for p in match.group(1).split(",")]
     if len(parts) != 4 or not all(_INT.fullmatch(p) for p in parts):
-        raise ActionParseError(
-            f"{name}: box must hold four integers (thousandths 0-999), got [[{match.group(1)}]]")
+        raise ActionParseError(f"{name}: box must hold four integers (thousandths 0-999), got [[{match.group(1)}]]")
     return tuple(int(p) for p in parts), match.end()  # type: ignore[return-value]
 
 
@@ -245,8 +246,8 @@ _KEY_CALL = re.compile(r"\s*([A-Za-z_]+)\s*\(\s*key\s*=\s*(['\"])(.*?)\2\s*\)\s*
 
 def _parse_gesture_list(body: str, pos: int) -> tuple[tuple[Action, ...], int]:
     """``[KEY_DOWN(key='Lcontrol'), KEY_PRESS(key='A'), KEY_UP(key='Lcontrol')]``."""
-    if body[pos:pos + 1] != "[":
-        raise ActionParseError(f"GESTURE: actions must be a list [...], got {body[pos:pos + 30]!r}")
+    if body[pos : pos + 1] != "[":
+        raise ActionParseError(f"GESTURE: actions must be a list [...], got {body[pos : pos + 30]!r}")
     steps: list[Action] = []
     pos += 1
     while True:
@@ -258,10 +259,11 @@ def _parse_gesture_list(body: str, pos: int) -> tuple[tuple[Action, ...], int]:
             raise ActionParseError(f"GESTURE: expected KEY_DOWN/KEY_PRESS/KEY_UP(key='...') at {rest[:40]!r}")
         if match.group(1) not in GESTURE_KEY_ACTIONS:
             raise ActionParseError(
-                f"GESTURE: unknown step {match.group(1)!r}; expected one of {', '.join(GESTURE_KEY_ACTIONS)}")
+                f"GESTURE: unknown step {match.group(1)!r}; expected one of {', '.join(GESTURE_KEY_ACTIONS)}"
+            )
         steps.append(Action(match.group(1), {"key": match.group(3)}))
         pos = match.end()
-        if body[pos:pos + 1] == ",":
+        if body[pos : pos + 1] == ",":
             pos += 1
 
 
@@ -297,8 +299,12 @@ _TAG = re.compile(r"<<[^<>]*>>\s*$")
 _TAG_BY_LOWER = {tag.lower(): tag for tag in SENSITIVITY}
 
 _FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    fmt: tuple({"Status": "status", "Plan": "plan", "Action": "action", "Operation": "operation",
-                "Sensitive": "sensitivity"}[part] for part in fmt.split("-"))
+    fmt: tuple(
+        {"Status": "status", "Plan": "plan", "Action": "action", "Operation": "operation", "Sensitive": "sensitivity"}[
+            part
+        ]
+        for part in fmt.split("-")
+    )
     for fmt in ANSWER_FORMATS
 }
 """Which `Answer` fields each format carries, e.g. Action-Operation -> ("action", "operation")."""
@@ -331,8 +337,9 @@ def parse_answer(text: str) -> Answer:
             continue
         match = _LABEL_LINE.match(line.strip())
         if match:
-            current = {"Status": "status", "Plan": "plan", "Action": "action",
-                       "Grounded Operation": "operation"}[match.group(1)]
+            current = {"Status": "status", "Plan": "plan", "Action": "action", "Grounded Operation": "operation"}[
+                match.group(1)
+            ]
             if current in fields:
                 raise ActionParseError(f"answer has two {_LABELS[current]!r} lines")
             fields[current] = match.group(2).strip()
@@ -346,7 +353,7 @@ def _split_tag(line: str) -> tuple[str, str | None]:
     match = _TAG.search(line)
     if not match:
         return line, None
-    return line[:match.start()], match.group(0).strip()
+    return line[: match.start()], match.group(0).strip()
 
 
 def _read_tag(tag: str, sensitivity: str | None, end: bool) -> tuple[str | None, bool]:

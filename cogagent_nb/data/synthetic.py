@@ -45,11 +45,11 @@ from cogagent_nb.data import screens as gr
 from cogagent_nb.data.actions import ANSWER_FORMATS, GENERAL_TAG, PLATFORMS, SENSITIVE_TAG, Action, Answer, format_answer
 from cogagent_nb.data.boxes import from_pixels
 from cogagent_nb.data.prompts import HistoryStep, build_prompt
+from cogagent_nb.data.validation import SPLITS  # the split names live with the format
 
 DEFAULT_EPISODES = 96
 """The committed set: 96 episodes ≈ 460 samples, about 3 MB of PNGs."""
 
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
 PROMPT_ORDER = "official"
 """One order for the whole dataset (see `prompts.py`): mixing orders would earn a validator warning."""
 
@@ -786,3 +786,31 @@ def write_flawed_example(out_dir: str | Path) -> tuple[Path, list[str]]:
     path = out_dir / "flawed.jsonl"
     path.write_text("".join(raw + "\n" for _, raw in flawed), encoding="utf-8")
     return path, [what for what, _ in flawed]
+
+
+# --- playing an episode: which screen follows which action -----------------------------------------------
+def advances(step: DemoStep, action: Action | None) -> bool:
+    """Whether doing `action` on `step`'s screen brings up the episode's next screen.
+
+    The synthetic apps react to the right move only, as a strict test harness would: the same action
+    name (a Windows desktop icon needs DOUBLE_CLICK; SCROLL_UP does not scroll down), the centre of the
+    box (the point the executor clicks) inside the target element, and the same typed text or key
+    (keys compared case-insensitively). A scroll of the right list in the right direction shows the
+    next page whatever its `step_count`. Anything else leaves the screen as it was.
+    """
+    expected = step.operation
+    if action is None or action.name != expected.name:
+        return False
+    if expected.box is not None:
+        if action.box is None:
+            return False
+        x, y = (action.box[0] + action.box[2]) / 2, (action.box[1] + action.box[3]) / 2
+        x1, y1, x2, y2 = expected.box
+        if not (x1 <= x <= x2 and y1 <= y <= y2):
+            return False
+    for key in ("text", "app", "url"):
+        if key in expected.args and str(action.args.get(key, "")).strip() != str(expected.args[key]).strip():
+            return False
+    if "key" in expected.args:
+        return str(action.args.get("key", "")).strip().lower() == str(expected.args["key"]).strip().lower()
+    return True

@@ -1,7 +1,7 @@
 """`ChatGLM4Tokenizer`: the GLM-4 / CogAgent tokenizer and chat template, without remote code.
 
-What it reproduces (spec: ``shared/reference/cogagent-9b-architecture.md`` §5; upstream:
-``tokenization_chatglm.py`` of THUDM/glm-4v-9b):
+What it reproduces (upstream: ``tokenization_chatglm.py`` and ``tokenizer_config.json`` of
+THUDM/glm-4v-9b and THUDM/cogagent-9b-20241220 on the Hugging Face hub):
 
 - ``tokenizer.model``: byte-level BPE ranks (base64 bytes + rank per line), encoded with tiktoken and
   the GLM-4 pre-tokenization regex. 151 329 ranks in the real file.
@@ -326,18 +326,26 @@ def _open_image(image: Any, image_root: str | os.PathLike | None, index: int):
 
 
 def write_tokenizer_files(
-    out_dir: str | os.PathLike, tokenizer_model_file: str | os.PathLike, *, image_size: int
+    out_dir: str | os.PathLike, tokenizer_model: str | os.PathLike | ChatGLM4Tokenizer, *, image_size: int
 ) -> Path:
     """Write `tokenizer.model` + `tokenizer_config.json` into `out_dir` in the official GLM-4V layout.
 
+    tokenizer_model: a `tokenizer.model` file (copied byte for byte) or a loaded `ChatGLM4Tokenizer`
+      (its ranks are written from memory, in rank order).
     The config lists the special tokens at their ids (number of ranks + offset), left padding, and the
     model's `image_size`, with ``tokenizer_class`` "ChatGLM4Tokenizer" and no ``auto_map`` (this package
     registers the class; nothing runs remote code). Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_ranks = len(read_tokenizer_model(tokenizer_model_file))  # validates the file before copying it
-    shutil.copyfile(tokenizer_model_file, out_dir / "tokenizer.model")
+    target = out_dir / "tokenizer.model"
+    if isinstance(tokenizer_model, ChatGLM4Tokenizer):
+        n_ranks = tokenizer_model.vocab_size
+        write_tokenizer_model(target, tokenizer_model._ranks)
+    else:
+        n_ranks = len(read_tokenizer_model(tokenizer_model))  # validates the file before copying it
+        if not target.exists() or not target.samefile(tokenizer_model):
+            shutil.copyfile(tokenizer_model, target)
     added = {
         str(n_ranks + i): {
             "content": content,

@@ -1,6 +1,6 @@
-"""Loading CogAgent checkpoints, registering them with the Auto classes, and writing the tiny model.
+"""Building, saving and loading CogAgent models, and registering them with the Auto classes.
 
-Three jobs live here, all about getting weights from disk into `CogAgentForConditionalGeneration`:
+The jobs that live here, all about getting weights into and out of `CogAgentForConditionalGeneration`:
 
 - `register_auto_classes()` teaches `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and `AutoTokenizer` the
   official model type `"chatglm"` (transformers 5 does not ship it), so an official-format directory loads
@@ -12,8 +12,12 @@ Three jobs live here, all about getting weights from disk into `CogAgentForCondi
   `model.safetensors.index.json`), every missing or unexpected weight is an error (the rotary `inv_freq`
   buffer that GLM-4 checkpoints carry is the one documented exception), and nothing is downloaded while
   `HF_HUB_OFFLINE` is set.
-- `make_tiny_model(out_dir, seed=)` writes a complete official-format directory from the `tiny` preset —
-  the model every CPU notebook and test trains.
+- `init_model(config_or_preset, seed=)` builds a randomly initialised model (the course's tiny model, or a
+  9B preset with random weights for a memory or speed measurement).
+- `save_pretrained(out_dir, model, tokenizer)` writes everything `load` needs: config.json, the weights
+  under the official key names, generation_config.json, tokenizer.model and tokenizer_config.json.
+- `make_tiny_model(out_dir, seed=)` is `init_model("tiny")` saved that way: the model every CPU notebook
+  and test trains.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ IMPLEMENTED_ARCHITECTURES = frozenset(
 )
 
 # Checkpoint keys that carry no information for this implementation: GLM-4 files store the rotary inverse
-# frequencies as a persistent buffer, but the official forward recomputes them (spec §2).
+# frequencies as a persistent buffer, but the official forward recomputes them (GLM-4 `modeling_chatglm.py`, `RotaryEmbedding`).
 IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -104,6 +108,7 @@ def load(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[ChatGLM4Tokenizer, CogAgentForConditionalGeneration]:
     """Load `(tokenizer, model)` from an official-format CogAgent / GLM-4V directory, in eval mode.
 
@@ -115,6 +120,8 @@ def load(
       users with an older stack; the returned objects are then the remote classes, not ours.
     allow_pickle: also accept `pytorch_model*.bin`. Unpickling can run arbitrary code, so it is opt-in;
       even then the files are read with `torch.load(weights_only=True)`.
+    adapter: a PEFT adapter folder (a LoRA or prefix-tuning checkpoint of `cogagent-nb finetune`) to attach
+      to the loaded base model; the model returned is then a PeftModel (`model.peft_recipes.load_adapter`).
     """
     directory = resolve_model_dir(model_dir, with_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
@@ -127,6 +134,7 @@ def load(
     from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
     check_architecture(directory)
+    check_tokenizer_files(directory)
     use_safetensors = find_weights(directory, allow_pickle=allow_pickle) == "safetensors"
     config = CogAgentConfig.from_pretrained(directory)
     model, info = CogAgentForConditionalGeneration.from_pretrained(
@@ -142,6 +150,10 @@ def load(
     check_loading_info(info, directory)
     model.eval()
     tokenizer = ChatGLM4Tokenizer.from_pretrained(directory)
+    if adapter is not None:
+        from cogagent_nb.model.peft_recipes import load_adapter
+
+        model = load_adapter(model, adapter).eval()
     return tokenizer, model
 
 
@@ -220,6 +232,25 @@ def check_architecture(directory: Path) -> None:
     if "vision_config" not in raw:
         raise CheckpointError(
             f"{path}: vision_config: missing; this is a text-only ChatGLM/GLM-4 checkpoint, not CogAgent/GLM-4V"
+        )
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """`load` returns the tokenizer too: name the tokenizer files that are missing, and how to add them.
+
+    `model.save_pretrained(d)` (transformers) writes only the model, so this is the usual way to get here.
+    """
+    missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {' and '.join(missing)} missing; load() returns the tokenizer with the model. "
+            "Save model and tokenizer together with cogagent_nb.save_pretrained(dir, model, tokenizer) "
+            "(model.save_pretrained writes only the model), or add the base model's tokenizer with "
+            "tokenizer.save_pretrained(dir) / cogagent_nb.write_tokenizer_files(dir, BASE/tokenizer.model, "
+            "image_size=...)."
         )
 
 
@@ -303,58 +334,121 @@ def _load_with_remote_code(directory: Path, dtype: torch.dtype | str, device_map
     return tokenizer, model
 
 
-# --- make_tiny_model ----------------------------------------------------------------------------------------
-def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
-    """Write a random tiny CogAgent as a complete official-format directory; return the directory.
+# --- building and saving -----------------------------------------------------------------------------------
+def init_model(
+    config: CogAgentConfig | str,
+    *,
+    seed: int = 0,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> CogAgentForConditionalGeneration:
+    """A randomly initialised CogAgent, in eval mode: `init_model("tiny")`, `init_model(config, dtype="bf16")`.
 
-    Files: config.json, model.safetensors (fp32, the official key names, plus the
-    `rotary_pos_emb.inv_freq` buffer the real files carry), tokenizer.model + tokenizer_config.json (the
-    tiny BPE tokenizer), generation_config.json (eos = the official stop set, pad, greedy). The same seed
-    gives byte-identical files, so tests and notebooks can share one model and compare results.
+    config: a `CogAgentConfig` or a preset name (`CogAgentConfig.from_preset`).
+    seed: on CPU the weights depend on the seed only (the global RNG state is left as it was), so the
+      same seed gives byte-identical weights, which `make_tiny_model` relies on.
+    dtype: as in `load` ("bfloat16"/"bf16", "float32", a torch dtype); None = the config's own dtype
+      (`torch_dtype` in config.json), else float32. On CPU the weights are drawn in fp32, then cast.
+    device: None or "cpu" builds on the CPU. Any other device builds on the meta device, allocates the
+      weights on `device` in `dtype` and initialises them there: seconds for the 9B on a GPU instead of
+      minutes of CPU init and a copy; the weights then follow that device's RNG (same seed, same weights
+      on the same kind of device).
     """
-    from cogagent_nb.data.bpe import read_tokenizer_model
-    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, write_tokenizer_files
-    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
+    if isinstance(config, str):
+        config = CogAgentConfig.from_preset(config)
+    target = resolve_dtype(dtype)
+    if target == "auto":
+        target = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device("cpu"):
+                model = CogAgentForConditionalGeneration(config)
+        return model.to(target).eval()
+    return _init_on_device(config, seed=seed, dtype=target, device=device)
+
+
+def _init_on_device(
+    config: CogAgentConfig, *, seed: int, dtype: torch.dtype, device: torch.device
+) -> CogAgentForConditionalGeneration:
+    """Build on the meta device (no memory, no init), allocate on `device` in `dtype`, initialise there."""
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+
+    with torch.device("meta"):
+        model = CogAgentForConditionalGeneration(config)
+    model = model.to(dtype).to_empty(device=device)  # uninitialised memory until init_weights below
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.init_weights()
+    return model.eval()
+
+
+def save_pretrained(
+    out_dir: str | os.PathLike, model: CogAgentForConditionalGeneration, tokenizer: ChatGLM4Tokenizer
+) -> str:
+    """Write `model` and `tokenizer` as an official-format directory that `load(out_dir)` reads back; return it.
+
+    Files: config.json (official field names, `architectures` ChatGLMForConditionalGeneration),
+    model.safetensors (the model's dtype, the official key names, plus the rotary `inv_freq` buffer the
+    official files carry), generation_config.json (the model's, or the official stop set and greedy
+    decoding), tokenizer.model + tokenizer_config.json (the official tokenizer layout, with the
+    tokenizer's `image_size`). A PEFT model is refused: save its adapter (`save_adapter`) or merge it
+    first (`merge_adapter`).
+    """
+    from cogagent_nb.data.tokenizer import write_tokenizer_files
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+
+    if not isinstance(model, CogAgentForConditionalGeneration):
+        raise TypeError(
+            f"save_pretrained expects a CogAgentForConditionalGeneration, got {type(model).__name__}; for a PEFT "
+            "model use save_adapter(model, dir), or merge_adapter(model) first to save a full model"
+        )
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    n_ranks = len(read_tokenizer_model(TINY_TOKENIZER_FILE))  # the shipped file decides, not a constant
-    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(n_ranks))
-    model = build_random_model(config, seed=seed)
-    write_official_config(config, directory)
-    save_official_weights(model.state_dict(), directory, inv_freq=rotary_inv_freq(config))
-    write_tokenizer_files(directory, TINY_TOKENIZER_FILE, image_size=config.vision_config["image_size"])
-    write_generation_config(config, directory)
+    config = model.config
+    write_official_config(config, directory, dtype=model.dtype)
+    save_official_weights(model.state_dict(), directory, inv_freq=config.rotary_inv_freq())
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and not getattr(generation, "_from_model_config", True):
+        generation.save_pretrained(directory)  # the user's (or the checkpoint's) own generation settings
+    else:
+        write_generation_config(config, directory)
+    write_tokenizer_files(directory, tokenizer, image_size=tokenizer.image_size)
     return str(directory)
 
 
-def build_random_model(config: CogAgentConfig, *, seed: int = 0) -> CogAgentForConditionalGeneration:
-    """Instantiate the model in fp32 on CPU with the torch RNG seeded, so the weights depend on `seed` only."""
-    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
+    """Write a random tiny CogAgent as a complete official-format directory; return the directory.
 
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        with torch.device("cpu"):
-            model = CogAgentForConditionalGeneration(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return model.float().eval()
+    `init_model` of the `tiny` preset (fp32), saved with `save_pretrained` together with the course's
+    tiny BPE tokenizer (image size 224). The same seed gives byte-identical files, so tests and
+    notebooks can share one model and compare results.
+    """
+    from cogagent_nb.data.bpe import read_tokenizer_model
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
+
+    n_ranks = len(read_tokenizer_model(TINY_TOKENIZER_FILE))  # the shipped file decides, not a constant
+    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(n_ranks))
+    tokenizer = ChatGLM4Tokenizer(TINY_TOKENIZER_FILE, image_size=config.image_size)
+    return save_pretrained(out_dir, init_model(config, seed=seed), tokenizer)
 
 
-def write_official_config(config: CogAgentConfig, directory: Path) -> None:
-    """config.json with the official field names and the official class name in `architectures`."""
+def write_official_config(config: CogAgentConfig, directory: Path, *, dtype: torch.dtype | None = None) -> None:
+    """config.json with the official field names and the official class name in `architectures`.
+
+    dtype: the dtype of the weights written beside it, so that `load(dtype=None)` reads them as saved.
+    """
     config = config.__class__.from_dict(config.to_dict())  # a copy: do not touch the caller's config
     config.architectures = ["ChatGLMForConditionalGeneration"]
+    if dtype is not None:
+        config.dtype = dtype
     config.save_pretrained(directory)
-
-
-def rotary_inv_freq(config: CogAgentConfig) -> torch.Tensor:
-    """The `transformer.rotary_pos_emb.inv_freq` buffer of GLM-4 checkpoints: base^(-2i/rotary_dim) with
-    rotary_dim = half of each head (spec §3.3); [32] on the 9B. Written so the tiny files look like the
-    real ones; loading ignores it."""
-    rotary_dim = config.rotary_dim
-    return 1.0 / (config.rope_base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
 
 
 def save_official_weights(

@@ -21,7 +21,8 @@ Notable features, in the order of this file:
   into the language width, learned boi/eoi vectors, everything divided by `scaling_factor` 8.
 - The splice: the three ids boi, placeholder, eoi are replaced by boi + 1600 image vectors + eoi, and
   all 1600 image vectors share one RoPE position, so an image costs 3 positions but 1602 cache slots.
-- A transformers `Cache` for generation; the vision tower runs once, at prefill.
+- A transformers `Cache` for generation; the vision tower and the splice run once, at prefill, and the
+  image marker ids are never generated (`ImageMarkerSuppressor`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cogagent_nb.model.configuration import CogAgentConfig
-
-IGNORE_INDEX = -100
+from cogagent_nb.data.encoding import IGNORE_INDEX
+from cogagent_nb.model.configuration import CogAgentConfig, VisionConfig
 
 
 # ================================================================================================
@@ -70,22 +71,21 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the given positions; no state (the checkpoint's `inv_freq` is ignored).
 
-    Frequencies: inv_freq[i] = base^(-2i / rotary_dim), i < rotary_dim / 2, computed in fp32 exactly
-    as the hub recomputes them on every forward. Positions come from `position_ids`, not from the
-    index in the sequence (the image splice gives 1600 tokens the same position).
+    Frequencies: inv_freq[i] = base^(-2i / rotary_dim), i < rotary_dim / 2 (`CogAgentConfig.rotary_inv_freq`),
+    computed in fp32 on every forward exactly as the hub recomputes them. Positions come from
+    `position_ids`, not from the index in the sequence (the image splice gives 1600 tokens the same
+    position).
     """
 
     def __init__(self, config: CogAgentConfig) -> None:
         super().__init__()
-        self.rotary_dim = config.rotary_dim
-        self.base = config.rope_base
+        self.config = config  # the frequencies are computed by the config, the one place they are defined
         self.original_rope = config.original_rope
         self.table_dtype = config.rope_table_dtype
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (cos, sin), each (B, 1, L, rotary_dim / 2), in the dtype the rotation will use."""
-        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
-        inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dim))  # (R/2,)
+        inv_freq = self.config.rotary_inv_freq(device=position_ids.device)  # (R/2,) fp32
         angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, L, R/2)
         cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]  # (B, 1, L, R/2)
         if self._table_in_model_dtype() and dtype in (torch.float16, torch.bfloat16):
@@ -256,12 +256,12 @@ class Embedding(nn.Module):
 class PatchEmbedding(nn.Module):
     """14x14 patch conv, a learned cls token in front, learned absolute positions (no interpolation)."""
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        patch, hidden = vision["patch_size"], vision["hidden_size"]
-        self.proj = nn.Conv2d(vision["in_channels"], hidden, kernel_size=patch, stride=patch)
+        patch, hidden = vision.patch_size, vision.hidden_size
+        self.proj = nn.Conv2d(vision.in_channels, hidden, kernel_size=patch, stride=patch)
         self.cls_embedding = nn.Parameter(torch.zeros(1, hidden))
-        self.position_embedding = nn.Embedding(vision["num_positions"], hidden)
+        self.position_embedding = nn.Embedding(vision.num_positions, hidden)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.proj(images)  # (B, Hv, S/p, S/p)
@@ -274,12 +274,12 @@ class PatchEmbedding(nn.Module):
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention, fused QKV with bias, heads contiguous, output `dense` with bias."""
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.num_heads = vision["num_heads"]
-        self.query_key_value = nn.Linear(vision["hidden_size"], 3 * vision["hidden_size"])
-        self.dense = nn.Linear(vision["hidden_size"], vision["hidden_size"])
-        self.dropout = vision["dropout_prob"]
+        self.num_heads = vision.num_heads
+        self.query_key_value = nn.Linear(vision.hidden_size, 3 * vision.hidden_size)
+        self.dense = nn.Linear(vision.hidden_size, vision.hidden_size)
+        self.dropout = vision.dropout_prob
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
@@ -291,11 +291,11 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.activation_fn = ACT2FN[vision["hidden_act"]]  # "gelu": exact erf GELU
-        self.fc1 = nn.Linear(vision["hidden_size"], vision["intermediate_size"])
-        self.fc2 = nn.Linear(vision["intermediate_size"], vision["hidden_size"])
+        self.activation_fn = ACT2FN[vision.hidden_act]  # "gelu": exact erf GELU
+        self.fc1 = nn.Linear(vision.hidden_size, vision.intermediate_size)
+        self.fc2 = nn.Linear(vision.intermediate_size, vision.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -308,13 +308,13 @@ class VisionLayer(GradientCheckpointingLayer):
     touches the layer's input.
     """
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        eps = vision["layer_norm_eps"]
-        self.input_layernorm = nn.LayerNorm(vision["hidden_size"], eps=eps)
+        eps = vision.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(vision.hidden_size, eps=eps)
         self.attention = VisionAttention(vision)
         self.mlp = VisionMLP(vision)
-        self.post_attention_layernorm = nn.LayerNorm(vision["hidden_size"], eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(vision.hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.input_layernorm(self.attention(hidden_states))
@@ -322,9 +322,9 @@ class VisionLayer(GradientCheckpointingLayer):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(VisionLayer(vision) for _ in range(vision["num_hidden_layers"]))
+        self.layers = nn.ModuleList(VisionLayer(vision) for _ in range(vision.num_hidden_layers))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -361,10 +361,10 @@ class EVA2CLIPModel(nn.Module):
         self.patch_embedding = PatchEmbedding(vision)
         self.transformer = VisionTransformer(vision)
         self.linear_proj = GLU(config)
-        self.conv = nn.Conv2d(vision["hidden_size"], config.hidden_size, kernel_size=2, stride=2)
+        self.conv = nn.Conv2d(vision.hidden_size, config.hidden_size, kernel_size=2, stride=2)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.scaling_factor = vision["scaling_factor"]
+        self.scaling_factor = vision.scaling_factor
         self.grid = config.patches_per_side
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -426,6 +426,7 @@ def splice_image(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    boi_positions: torch.Tensor | None = None,
 ) -> SplicedInputs:
     """Replace each row's (boi, placeholder, eoi) ids by boi + n image vectors + eoi, and align the rest.
 
@@ -458,9 +459,13 @@ def splice_image(
         num_image_tokens: n, the image tokens between boi and eoi (1600 on the real model).
         inputs_embeds: (B, L, H) text embeddings, spliced with `image_features` (B, n + 2, H).
         position_ids, attention_mask, labels: (B, L), each optional.
+        boi_positions: (B,) boi index per row when it is already known (decode steps, where the ids
+            also hold generated tokens, which may include marker ids); None: find and check it.
     """
     batch, length = input_ids.shape
-    boi = find_image_positions(input_ids, boi_token_id, eoi_token_id)  # (B,)
+    if boi_positions is None:
+        boi_positions = find_image_positions(input_ids, boi_token_id, eoi_token_id)  # (B,)
+    boi = boi_positions
     new_length = length + num_image_tokens - 1
     out = torch.arange(new_length, device=input_ids.device).expand(batch, -1)  # (B, L')
     p = boi[:, None]  # (B, 1)
@@ -563,7 +568,7 @@ class CogAgentPreTrainedModel(PreTrainedModel):
             # Optional, tiny preset only: a larger spread for the patch positions, so that where a patch
             # lies is as visible in its vector as what it shows (runs after the nn.Embedding branch:
             # children are initialised first). The 9B configs have no such key and keep `std`.
-            position_std = self.config.vision_config.get("position_embedding_std")
+            position_std = self.config.vision_config.extra.get("position_embedding_std")
             if position_std is not None:
                 init.normal_(module.position_embedding.weight, mean=0.0, std=position_std)
         elif isinstance(module, EVA2CLIPModel):
@@ -729,6 +734,20 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
         return self.transformer.encoder(inputs_embeds, rotary, mask, is_causal, cache=cache)
 
     # ---- generation ----------------------------------------------------------------------------------
+    def generate(self, *args: Any, suppress_image_markers: bool = True, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, with the image marker ids never generated (unless told otherwise).
+
+        <|begin_of_image|> and <|end_of_image|> belong to the chat template, not to answers. An untrained
+        or half-trained model can still rank them first; `ImageMarkerSuppressor` sets their scores to -inf
+        before greedy or sampled selection. `suppress_image_markers=False` lets them through (a generated
+        marker is then plain output: decode steps never splice, see `prepare_inputs_for_generation`).
+        """
+        if suppress_image_markers:
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            processors.append(ImageMarkerSuppressor((self.config.boi_token_id, self.config.eoi_token_id)))
+            kwargs["logits_processor"] = processors
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -764,17 +783,33 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
             new = next_sequence_length or 1
             model_inputs.update(input_ids=input_ids[:, -new:], position_ids=position_ids[:, -new:])
             if attention_mask is not None and images is not None:
+                # The prompt's image is each row's *first* boi (checked at prefill); generated ids come
+                # after it and are never spliced, even if the model emitted a marker id.
+                prompt_boi = (input_ids == self.config.boi_token_id).int().argmax(dim=1)  # (B,)
                 attention_mask = splice_image(
                     input_ids,
                     num_image_tokens=self.config.num_image_tokens,
                     boi_token_id=self.config.boi_token_id,
                     eoi_token_id=self.config.eoi_token_id,
                     attention_mask=attention_mask,
+                    boi_positions=prompt_boi,
                 ).attention_mask  # (B, L + n - 1 + t)
             model_inputs["attention_mask"] = attention_mask
         if "logits_to_keep" in kwargs:
             model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return model_inputs
+
+
+class ImageMarkerSuppressor(LogitsProcessor):
+    """Scores of the given ids (the image markers) become -inf, so no decoding strategy picks them."""
+
+    def __init__(self, token_ids: tuple[int, ...]) -> None:
+        self.token_ids = tuple(int(i) for i in token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, list(self.token_ids)] = -float("inf")  # (B, V)
+        return scores
 
 
 def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -811,4 +846,5 @@ __all__ = [
     "splice_image",
     "build_attention_mask",
     "causal_lm_loss",
+    "ImageMarkerSuppressor",
 ]

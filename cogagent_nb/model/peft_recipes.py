@@ -112,7 +112,7 @@ def prefix_tuning_config(
     """
     from peft import PrefixTuningConfig
 
-    kv_heads = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
+    kv_heads = config.num_key_value_heads
     token_dim = kv_heads * config.kv_channels
     return PrefixTuningConfig(
         task_type="CAUSAL_LM",

@@ -144,11 +144,15 @@ def train_tiny(
     seed: int = TRAIN_SEED,
     max_steps: int | None = None,
     grounding_per_step: int = 1,
+    grounding_first: float = 0.0,
     clock: str = "cpu",
     log_every: int = 25,
     **encode_kwargs: Any,
 ) -> TrainingLog:
     """Full fine-tuning on `EpisodeStream` for `minutes` (or `max_steps`), then eval mode.
+
+    grounding_first: the fraction of the budget spent on "click X" samples alone (a grounding phase,
+    as CogAgent itself was pretrained on grounding before agent data) before the episodes start.
 
     clock: "cpu" counts the process's CPU time (`time.process_time`), so a run on a machine shared with
     other work does as much as it would on an idle one: with one torch thread, 10 CPU minutes are at
@@ -165,16 +169,29 @@ def train_tiny(
         grounding_per_step=grounding_per_step,
         **encode_kwargs,
     )
-    loader = torch.utils.data.DataLoader(stream, batch_size=None)
+    grounding = EpisodeStream(
+        tokenizer,
+        model.config.num_image_tokens,
+        batch_size,
+        seed=seed + 1,
+        grounding_per_step=max(2, grounding_per_step),
+        steps=False,
+        **encode_kwargs,
+    )
+    phases = (
+        iter(torch.utils.data.DataLoader(grounding, batch_size=None)),
+        iter(torch.utils.data.DataLoader(stream, batch_size=None)),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     now = {"cpu": time.process_time, "wall": time.perf_counter}[clock]
     log, budget, started, wall = TrainingLog(), minutes * 60, now(), time.perf_counter()
     model.train()
-    for batch in loader:
+    while True:
         elapsed = now() - started
         if elapsed >= budget or (max_steps is not None and log.steps >= max_steps):
             break
         progress = elapsed / budget if max_steps is None else log.steps / max_steps
+        batch = next(phases[0] if progress < grounding_first else phases[1])
         warm = min(1.0, (log.steps + 1) / warmup_steps)
         scale = warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         for group in optimizer.param_groups:

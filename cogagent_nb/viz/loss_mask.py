@@ -173,19 +173,39 @@ def _legend(ax) -> None:
     )
 
 
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "WenQuanYi Zen Hei", "Source Han Sans SC", "SimHei")
+"""Fonts with Chinese glyphs, tried in order (Debian/Ubuntu: `apt-get install fonts-noto-cjk`)."""
+
+
 @functools.lru_cache(maxsize=1)
-def _default_font():
+def _font_families() -> tuple[str, ...]:
+    """matplotlib's default family, then the first installed CJK font as a fallback (matplotlib >= 3.6
+    draws each character with the first family of the list that has it)."""
+    from matplotlib import rcParams
+    from matplotlib.font_manager import fontManager
+
+    installed = {f.name for f in fontManager.ttflist}
+    default = (
+        rcParams["font.sans-serif"][0] if rcParams["font.family"] == ["sans-serif"] else rcParams["font.family"][0]
+    )
+    return (default, *[name for name in CJK_FONTS if name in installed][:1])
+
+
+@functools.lru_cache(maxsize=1)
+def _fonts():
     from matplotlib.font_manager import FontProperties, findfont
     from matplotlib.ft2font import FT2Font
 
-    return FT2Font(findfont(FontProperties()))
+    return [FT2Font(findfont(FontProperties(family=name))) for name in _font_families()]
 
 
 def _drawable(text: str) -> str:
-    """`text` with characters the default matplotlib font lacks (e.g. CJK) written as \\uXXXX escapes,
-    so that a figure shows which token it is instead of empty boxes."""
-    font = _default_font()
-    return "".join(c if c.isascii() or font.get_char_index(ord(c)) else f"\\u{ord(c):04x}" for c in text)
+    """`text` with characters that no available font has written as \\uXXXX escapes, so that a figure
+    shows which token it is instead of empty boxes (with a CJK font installed, Chinese is drawn)."""
+    fonts = _fonts()
+    return "".join(
+        c if c.isascii() or any(font.get_char_index(ord(c)) for font in fonts) else f"\\u{ord(c):04x}" for c in text
+    )
 
 
 def plot_loss_mask(samples: Sequence[EncodedSample], *, titles: Sequence[str] | None = None):
@@ -201,7 +221,8 @@ def plot_loss_mask(samples: Sequence[EncodedSample], *, titles: Sequence[str] | 
             ax.broken_barh(spans, (row - 0.35, 0.7), color=COLOURS[category])
     ax.set_yticks(range(len(samples)), titles)
     ax.invert_yaxis()
-    ax.set_xlim(0, max(s.model_length for s in samples))
+    longest = max(s.model_length for s in samples)
+    ax.set_xlim(0, longest * 1.02)  # a margin, so the longest bar visibly ends instead of running into the frame
     ax.set_xlabel("position in the sequence the model sees (image expanded to its real size)")
     _legend(ax)
     fig.tight_layout()
@@ -234,6 +255,7 @@ def plot_token_cells(
                 ha="center",
                 va="center",
                 fontsize=8,
+                fontfamily=list(_font_families()),
                 fontweight="bold" if view.special else "normal",
             )
     ax.set_xlim(0, last)
@@ -268,3 +290,27 @@ def mask_browser(get_sample: Callable[[int], EncodedSample], count: int, tokeniz
     slider.observe(lambda change: show(change["new"]), names="value")
     show(0)
     return widgets.VBox([slider, view])
+
+
+def segments_table_html(sample: EncodedSample, tokenizer) -> str:
+    """The segments `encode_conversation` built, one row each: role, kind, text, ids, supervised.
+
+    This is the recipe of a sample in a table (the renderer's source is `chat_format.render_conversation`):
+    which pieces exist and which carry a loss. Text is shown as the tokenizer decodes it, the image
+    triple by its name.
+    """
+    rows = []
+    for segment in sample.segments:
+        if segment.kind == "image":
+            text = f"[image: {image_label(sample.num_image_tokens)}]"
+        else:
+            text = segment.text if segment.text is not None else tokenizer.decode(list(segment.ids))
+        shown = html.escape(text if len(text) <= 60 else text[:57] + "...").replace("\n", "↵")
+        mark = "<b>yes</b>" if segment.supervised else "no"
+        rows.append(
+            f"<tr><td>{html.escape(segment.role)}</td><td>{html.escape(segment.kind)}</td>"
+            f"<td style='text-align:left;font-family:monospace'>{shown}</td>"
+            f"<td style='text-align:right'>{len(segment.ids)}</td><td>{mark}</td></tr>"
+        )
+    head = "<tr><th>role</th><th>kind</th><th>text</th><th>ids</th><th>supervised</th></tr>"
+    return f"<table class='lmv-segments'>{head}{''.join(rows)}</table>"

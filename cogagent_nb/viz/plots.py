@@ -77,12 +77,15 @@ def draw_box(
 
 
 def show_sample(
-    conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes | None = None, history: bool = True
+    conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes | None = None, history: bool = False
 ) -> Axes:
-    """A screenshot with its target box (solid red) and the boxes of the history steps (dashed blue).
+    """A screenshot in a frame with its target box (solid red); `history=True` adds the history steps'
+    boxes (dashed blue, labelled "earlier screen").
 
-    History boxes were chosen on *earlier* screens; drawing them on this one shows where the agent has
-    been, which is exactly what the model reads from the prompt (it never sees the old screenshots).
+    History boxes were chosen on *earlier* screens, so on this one they usually sit on unrelated
+    elements; they are drawn only when asked, to show where the agent clicked before, which the model
+    reads from the prompt as text (it never sees the old screenshots). A portrait screenshot (a phone)
+    gets a thick dark bezel so that its white edges do not melt into the page.
     """
     view = read_sample(conversation, data_dir)
     width, height = view.image.size
@@ -93,15 +96,24 @@ def show_sample(
         for i, step in enumerate(view.prompt.history):
             box = step.operation.box
             if box is not None:
-                draw_box(
-                    ax, box, width, height, colour=HISTORY_COLOUR, label=f"{i}. {step.operation.name}", dashed=True
-                )
+                label = f"earlier screen, step {i}: {step.operation.name}"
+                draw_box(ax, box, width, height, colour=HISTORY_COLOUR, label=label, dashed=True)
     operation = view.operation
     if operation is not None and operation.box is not None:
         draw_box(ax, operation.box, width, height, colour=TARGET_COLOUR, label=f"target: {operation.name}")
     ax.set_title(_title(view), fontsize=9, loc="left")
-    ax.set_axis_off()
+    _frame(ax, phone=height > width)
     return ax
+
+
+def _frame(ax: Axes, *, phone: bool) -> None:
+    """A thin grey frame around a desktop screenshot, a thick dark bezel around a phone's."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_edgecolor("#222222" if phone else "#888888")
+        spine.set_linewidth(7 if phone else 1)
 
 
 def _title(view: SampleView) -> str:
@@ -117,7 +129,7 @@ def _title(view: SampleView) -> str:
 
 
 def show_samples(
-    conversations: Sequence[dict[str, Any]], data_dir: str | Path, *, columns: int = 3, history: bool = True
+    conversations: Sequence[dict[str, Any]], data_dir: str | Path, *, columns: int = 3, history: bool = False
 ) -> plt.Figure:
     """Several samples side by side (e.g. the steps of one episode)."""
     rows = max(1, -(-len(conversations) // columns))
@@ -145,13 +157,14 @@ def sample_browser(conversations: Sequence[dict[str, Any]], data_dir: str | Path
         value=start, min=0, max=len(conversations) - 1, description="sample", continuous_update=False
     )
     previous, following = widgets.Button(description="◀"), widgets.Button(description="▶")
+    history = widgets.Checkbox(value=False, description="history boxes (from earlier screens)", indent=False)
     picture, text = widgets.Output(), widgets.Output(layout={"max_width": "46em"})
 
     def render(index: int) -> None:
         conversation = conversations[index]
         with picture:
             picture.clear_output(wait=True)
-            ax = show_sample(conversation, data_dir)
+            ax = show_sample(conversation, data_dir, history=history.value)
             display(ax.figure)
             plt.close(ax.figure)
         with text:
@@ -161,10 +174,11 @@ def sample_browser(conversations: Sequence[dict[str, Any]], data_dir: str | Path
                 print(message["content"])
 
     slider.observe(lambda change: render(change["new"]), names="value")
+    history.observe(lambda _: render(slider.value), names="value")
     previous.on_click(lambda _: setattr(slider, "value", max(slider.min, slider.value - 1)))
     following.on_click(lambda _: setattr(slider, "value", min(slider.max, slider.value + 1)))
     render(start)
-    return widgets.VBox([widgets.HBox([previous, slider, following]), widgets.HBox([picture, text])])
+    return widgets.VBox([widgets.HBox([previous, slider, following, history]), widgets.HBox([picture, text])])
 
 
 def show_dataset_overview(splits: dict[str, Sequence[dict[str, Any]]]) -> plt.Figure:

@@ -1,0 +1,62 @@
+"""`cogagent-nb merge BASE ADAPTER OUT`: fold a LoRA adapter into its base model and write a complete
+official-format directory, which `cnb.load`, vLLM or the official scripts read like the original.
+
+LoRA adds (alpha / r) · B A to each adapted weight; merging computes W + (alpha / r) · B A once, so the
+merged model runs at the base model's speed with no PEFT installed. Prefix tuning has nothing to fold
+(its prefix is a KV cache, not a weight delta): it stays an adapter, loaded with `cnb.load(base, adapter=)`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WRITTEN_HERE = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def merge_lora(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Load base + adapter, merge, and write `out_dir` (config.json with the official architecture name,
+    safetensors weights, the base's tokenizer and generation files). Returns `out_dir`."""
+    import json
+
+    from cogagent_nb.model.loading import load, write_official_config
+    from cogagent_nb.model.peft_recipes import merge_adapter
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    adapter_config = adapter_dir / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise FileNotFoundError(f"{adapter_config}: missing; ADAPTER must be a LoRA checkpoint folder")
+    peft_type = json.loads(adapter_config.read_text(encoding="utf-8")).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(
+            f"{adapter_config}: peft_type: {peft_type!r} cannot be merged (only LORA adds a weight delta); "
+            "load it with cnb.load(base, adapter=...) instead"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; choose a new folder for the merged model")
+    _, model = load(base_dir, adapter=adapter_dir)
+    merged = merge_adapter(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    write_official_config(merged.config, out_dir)
+    copy_side_files(base_dir, out_dir)
+    return out_dir
+
+
+def copy_side_files(base_dir: Path, out_dir: Path) -> list[str]:
+    """Copy everything of the base folder that is not weights or config.json: tokenizer files,
+    generation_config.json, the checkpoint's own code (so its auto_map keeps working)."""
+    copied = []
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in WRITTEN_HERE:
+            shutil.copy2(path, out_dir / path.name)
+            copied.append(path.name)
+    return copied

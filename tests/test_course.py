@@ -1,0 +1,129 @@
+"""The course runner: lessons found by name, parameters routed to the lessons that declare them, a stop
+at the first failing cell that names it, recorded key numbers, the summary files and the site.
+
+Runs on three throw-away notebooks (a kernel start each, a few seconds), not on the real lessons: those
+run in `test_notebooks_own_data.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cogagent_nb import course
+from cogagent_nb.cli import main as cli_main
+
+
+def _png() -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), "red").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _lesson(path: Path, title: str, parameters: str, *cells: str, figure: bool = False) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}\n\nA test lesson.")]
+    nb.cells.append(nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}))
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    if figure:  # a cell that displays a PNG, tagged for the index page
+        show = f"from IPython.display import Image, display\ndisplay(Image(data=__import__('base64').b64decode('{_png()}')))"
+        nb.cells.append(nbformat.v4.new_code_cell(show, metadata={"tags": [course.FIGURE_TAG]}))
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture
+def lessons(tmp_path: Path) -> Path:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _lesson(
+        folder / "01_first.ipynb",
+        "01 · First lesson",
+        'data_dir = "default"  # where the data is\nsteps = 1  # how many',
+        "import cogagent_nb as cnb\nassert steps == 3, f'steps={steps}'\ncnb.record('data_dir', data_dir)\ncnb.record('double', 2 * steps)",
+        figure=True,
+    )
+    _lesson(
+        folder / "02_second.ipynb",
+        "02 · Second lesson",
+        "threshold = 1  # declared, so -p threshold reaches it; data_dir is not declared here",
+        "x = 1",
+        "assert 'data_dir' not in globals(), 'an undeclared parameter must not be injected'\nassert x > threshold, f'x={x} is not above threshold={threshold}'",
+    )
+    _lesson(folder / "03_third.ipynb", "03 · Third lesson", "n = 0  # unused", "print('never runs')")
+    (folder / "notes.ipynb").write_text((folder / "03_third.ipynb").read_text())  # not a lesson: no NN_ prefix
+    return folder
+
+
+def test_find_lessons_globs_numbered_notebooks_in_order(lessons: Path) -> None:
+    assert [p.name for p in course.find_lessons(lessons)] == ["01_first.ipynb", "02_second.ipynb", "03_third.ipynb"]
+    assert [p.name for p in course.find_lessons(lessons, ["3", "01"])] == ["01_first.ipynb", "03_third.ipynb"]
+    with pytest.raises(FileNotFoundError, match="--only 09"):
+        course.find_lessons(lessons, ["09"])
+
+
+def test_parameters_reach_only_the_lessons_that_declare_them(lessons: Path, tmp_path: Path) -> None:
+    params = {"data_dir": "/x", "steps": 3, "threshold": 0}
+    assert course.parameters_for(lessons / "01_first.ipynb", params) == {"data_dir": "/x", "steps": 3}
+    assert course.parameters_for(lessons / "02_second.ipynb", params) == {"threshold": 0}
+    (tmp_path / "mine").mkdir()
+    assert course.absolutize_paths({"data_dir": "mine", "name": "nope"}, tmp_path) == {
+        "data_dir": str((tmp_path / "mine").resolve()),
+        "name": "nope",
+    }
+    yaml_file = tmp_path / "p.yaml"
+    yaml_file.write_text("steps: 2\nthreshold: 5\n")
+    assert course.read_parameters([["steps", "3"], ["data_dir", "d"]], [yaml_file]) == {
+        "steps": 3,
+        "threshold": 5,
+        "data_dir": "d",
+    }
+
+
+def test_record_is_a_no_op_outside_a_course_run(monkeypatch) -> None:
+    monkeypatch.delenv(course.RECORD_ENV, raising=False)
+    assert course.record("x", 1.5) == 1.5
+
+
+def test_course_stops_at_the_first_failing_cell_and_names_it(lessons: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code = cli_main(
+        ["course", "--notebooks", str(lessons), "--out", str(out), "-p", "steps", "3", "-p", "data_dir", "/d"]
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "02_second.ipynb failed at cell [3]: AssertionError: x=1 is not above threshold=1" in captured.err
+    assert "never runs" not in captured.out
+
+    summary = json.loads((out / "summary.json").read_text())["lessons"]
+    assert [(Path(r["notebook"]).name, r["ok"]) for r in summary] == [
+        ("01_first.ipynb", True),
+        ("02_second.ipynb", False),
+    ]
+    assert summary[0]["records"] == {"data_dir": "/d", "double": 6}
+    assert summary[0]["parameters"] == {"data_dir": "/d", "steps": 3}
+    assert summary[1]["failed_cell"] == 3 and "threshold" in summary[1]["failed_source"]
+    assert (out / "01_first.ipynb").is_file() and not (out / "03_third.ipynb").exists()
+
+    table = (out / "summary.md").read_text()
+    assert "| `01_first.ipynb` | First lesson |" in table and "failed at cell [3]" in table
+
+    index = (out / "site" / "index.html").read_text()
+    assert "<a href='01_first.html'>01_first.ipynb</a>" in index and "FAILED at cell [3]" in index
+    assert "data_dir = /d, double = 6" in index
+    assert "figures/01_first_0.png" in index and (out / "site" / "figures" / "01_first_0.png").stat().st_size > 0
+    assert "is not above threshold=1" in (out / "site" / "02_second.html").read_text()  # the failed lesson, rendered
+
+
+def test_makefile_course_target_calls_the_command(repo_root: Path) -> None:
+    makefile = (repo_root / "Makefile").read_text()
+    recipe = makefile.split("\ncourse:", 1)[1].split("\n\n", 1)[0]
+    assert "cogagent-nb course" in recipe
