@@ -1,6 +1,10 @@
 # The two commands of the README:
 #   make course   set up .venv and run every notebook on the tiny CPU defaults (executed copies in runs/)
 #   make test     set up .venv and run the whole test suite (pytest + nbval on the notebooks)
+# and, for maintainers:
+#   make lint        ruff (lint + format check) and notebooks stripped of outputs (nbstripout --verify)
+#   make test-floor  a second venv, .venv-floor, with every dependency at its floor in pyproject.toml
+#   make test-gpu    the `gpu`-marked tests (a 9B-width model on CUDA); needs a CUDA torch in .venv
 #
 # GPU users: install the CUDA torch of your choice into .venv first, or override TORCH_SPEC, e.g.
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
@@ -11,6 +15,8 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
+FLOOR_VENV  ?= .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
 RUN_DIR     ?= runs/$(shell date +%Y%m%d-%H%M%S)
 NOTEBOOKS   := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
@@ -20,7 +26,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup course test lint clean-venv wheelhouse
+.PHONY: setup course test test-floor test-gpu lint clean-venv wheelhouse
 
 setup: $(STAMP)
 
@@ -38,12 +44,33 @@ course: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest --nbval-lax tests notebooks
 
+# The floors: .ci/floor_constraints.py pins each `>=X` of pyproject.toml to `==X`. torch stays at TORCH_SPEC
+# (older torch on PyPI comes only as multi-GB CUDA wheels; pyproject.toml says so beside its floor).
+# Only what tests/ needs is installed (no Jupyter stack): the notebooks run in `make test`.
+$(FLOOR_STAMP): pyproject.toml Makefile .ci/floor_constraints.py
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(FLOOR_VENV)/bin/python .ci/floor_constraints.py --keep torch > $(FLOOR_VENV)/floor-constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor-constraints.txt -e . pytest hypothesis
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -m pip list --format=freeze | grep -iE "^(torch|transformers|peft|accelerate)=="
+	$(FLOOR_VENV)/bin/python -m pytest -q tests
+
+test-gpu: $(STAMP)
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: torch sees no CUDA device (install a CUDA torch into $(VENV), see TORCH_SPEC)')"
+	$(BIN)/python -m pytest -m gpu -rs tests
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/nbstripout --verify --keep-id $(NOTEBOOKS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(FLOOR_VENV)
 
 # For a room without internet: every wheel the course needs (CPU torch included) into wheelhouse/.
 # Copy the repository with wheelhouse/ to each laptop, then:

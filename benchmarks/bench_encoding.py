@@ -1,7 +1,7 @@
 """How fast conversations become training samples, on one CPU core, images included.
 
     .venv/bin/python benchmarks/bench_encoding.py                  # demo train split, tiny tokenizer
-    .venv/bin/python benchmarks/bench_encoding.py --tokenizer-dir ../shared/reference/parity-case
+    .venv/bin/python benchmarks/bench_encoding.py --tokenizer-dir tests/fixtures/parity-case
 
 Encodes every conversation of a split with `encode_conversation` (BPE, mask, image load + CLIP
 transform) under `torch.set_num_threads(1)`, prints a table and writes JSON (default

@@ -89,21 +89,14 @@ def build_model(
     return init_model(config, seed=seed, dtype=dtype).to(device)
 
 
-def configure_training(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module | None:
-    """Apply the mode; returns None when the mode cannot run here (message already printed)."""
+def configure_training(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """Apply the mode (LoRA, frozen vision tower, gradient checkpointing) and switch to training."""
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.mode == "lora":
-        try:
-            from cogagent_nb.model.peft_recipes import add_lora
-        except ImportError as err:  # pragma: no cover - depends on the machine
-            print(f"--mode lora skipped: {err}")
-            return None
-        try:
-            model = add_lora(model, scope="both")
-        except ImportError as err:
-            print(f"--mode lora skipped (peft is not installed: {err})")
-            return None
+        from cogagent_nb.model.peft_recipes import add_lora  # peft is a dependency: a missing one is an error
+
+        model = add_lora(model, scope="both")
         if args.grad_ckpt:
             model.enable_input_require_grads()
     elif args.freeze_vision:
@@ -217,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config, device, dtype, args.seed, args.meta_init)
     build_s = time.perf_counter() - t0
     model = configure_training(model, args)
-    if model is None:
-        return 0
     trainable, total = count_parameters(model)
     optimizer = None
     if args.optimizer == "adamw":

@@ -24,7 +24,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from cogagent_nb.train.devices import protect_torch_import
+
 __version__ = "0.1.0"
+
+# A torch_npu installed without a working CANN toolkit would break every `import torch` through torch's device
+# plug-in autoload; the plug-in is imported explicitly by `enable_npu()` instead (train/devices.py, docs/NPU.md).
+protect_torch_import()
 
 PUBLIC_API: dict[str, str] = {
     # data: format, prompts, validation
@@ -76,6 +82,7 @@ PUBLIC_API: dict[str, str] = {
     "init_model": "cogagent_nb.model.loading",
     "save_pretrained": "cogagent_nb.model.loading",
     "make_tiny_model": "cogagent_nb.model.loading",
+    "make_random_model": "cogagent_nb.model.loading",
     "register_auto_classes": "cogagent_nb.model.loading",
     "add_lora": "cogagent_nb.model.peft_recipes",
     "add_prefix_tuning": "cogagent_nb.model.peft_recipes",
@@ -84,6 +91,7 @@ PUBLIC_API: dict[str, str] = {
     "load_adapter": "cogagent_nb.model.peft_recipes",
     "merge_adapter": "cogagent_nb.model.peft_recipes",
     "trainable_parameters_table": "cogagent_nb.model.peft_recipes",
+    "adapted_modules": "cogagent_nb.model.peft_recipes",
     # training
     "FinetuneConfig": "cogagent_nb.train.config",
     "load_config": "cogagent_nb.train.config",
@@ -98,6 +106,29 @@ PUBLIC_API: dict[str, str] = {
     "StopAfterSteps": "cogagent_nb.train.callbacks",
     "loss_points": "cogagent_nb.train.callbacks",
     "merge_lora": "cogagent_nb.train.export",
+    "plot_parameter_tables": "cogagent_nb.train.report",
+    "plot_loss_curves": "cogagent_nb.train.report",
+    "preview_answers": "cogagent_nb.train.report",
+    "mean_answer_loss": "cogagent_nb.train.report",
+    # training: devices, processes, DeepSpeed
+    "detect_device": "cogagent_nb.train.devices",
+    "device_report": "cogagent_nb.train.devices",
+    "enable_npu": "cogagent_nb.train.devices",
+    "npu_status": "cogagent_nb.train.devices",
+    "prepare_distributed": "cogagent_nb.train.distributed",
+    "free_port": "cogagent_nb.train.distributed",
+    "torchrun_command": "cogagent_nb.train.distributed",
+    "deepspeed_command": "cogagent_nb.train.distributed",
+    "launch": "cogagent_nb.train.distributed",
+    "shell_form": "cogagent_nb.train.distributed",
+    "deepspeed_config": "cogagent_nb.train.distributed",
+    "write_deepspeed_config": "cogagent_nb.train.distributed",
+    "explain_deepspeed_config": "cogagent_nb.train.distributed",
+    "consolidate_zero_checkpoint": "cogagent_nb.train.distributed",
+    "parameter_counts": "cogagent_nb.train.zero_memory",
+    "zero_memory": "cogagent_nb.train.zero_memory",
+    "zero_memory_table": "cogagent_nb.train.zero_memory",
+    "plot_zero_memory": "cogagent_nb.train.zero_memory",
     # training: the tiny grounding recipe (fresh episodes, plain loop) and its proof
     "grounding_samples": "cogagent_nb.data.synthetic",
     "COURSE_MINUTES": "cogagent_nb.train.grounding",
@@ -133,6 +164,8 @@ PUBLIC_API: dict[str, str] = {
     "run_episode": "cogagent_nb.infer.agent",
     "run_episodes": "cogagent_nb.infer.agent",
     "history_step": "cogagent_nb.infer.agent",
+    # train
+    "BackwardFusedAdamW": "cogagent_nb.train.optim",
     # views
     "read_sample": "cogagent_nb.viz.plots",
     "show_sample": "cogagent_nb.viz.plots",

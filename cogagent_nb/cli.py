@@ -2,7 +2,7 @@
 
 Each subcommand is a thin shell over one package function, so that notebooks, tests and the command
 line all exercise the same code. Heavy imports (torch, transformers) happen inside the handlers, which
-keeps `cogagent-nb validate` fast.
+keeps `cogagent-nb validate` and `--help` free of them (tests/test_startup.py checks it).
 """
 
 from __future__ import annotations
@@ -86,6 +86,28 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
     from cogagent_nb.model.loading import make_tiny_model
 
     out_dir = Path(make_tiny_model(args.out_dir, seed=args.seed))
+    for path in sorted(out_dir.iterdir()):
+        print(f"{path}  {path.stat().st_size:,} bytes")
+    return 0
+
+
+def _add_make_random_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-random-model",
+        help="write a random-initialised model of any preset (e.g. the 9B) with a stand-in tokenizer",
+    )
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--preset", default="cogagent-9b-20241220", help="cogagent-9b-20241220, glm-4v-9b or tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    p.add_argument("--device", default=None, help="initialise on this device, e.g. cuda (default: cpu)")
+    p.set_defaults(handler=_run_make_random_model)
+
+
+def _run_make_random_model(args: argparse.Namespace) -> int:
+    from cogagent_nb.model.loading import make_random_model
+
+    out_dir = Path(make_random_model(args.out_dir, args.preset, seed=args.seed, dtype=args.dtype, device=args.device))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size:,} bytes")
     return 0
@@ -294,13 +316,19 @@ def _add_course(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-f", "--parameters-file", action="append", default=[], type=Path, help="a YAML file of parameters")
     p.add_argument("--no-site", action="store_true", help="skip the HTML rendering")
+    p.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="also write the lesson table between the course-table markers of this file",
+    )
     p.set_defaults(handler=_run_course)
 
 
 def _run_course(args: argparse.Namespace) -> int:
     import time
 
-    from cogagent_nb.course import find_lessons, read_parameters, run_course
+    from cogagent_nb.course import find_lessons, read_parameters, run_course, update_table
 
     lessons = find_lessons(args.notebooks, args.only)
     out = args.out or Path("runs") / time.strftime("course-%Y%m%d-%H%M%S")
@@ -309,6 +337,9 @@ def _run_course(args: argparse.Namespace) -> int:
     print(f"{len(runs) - len(failed)} of {len(lessons)} lessons ran; executed notebooks and summary in {out}")
     if not args.no_site:
         print(f"site: {out / 'site' / 'index.html'}")
+    if args.table and not failed:
+        update_table(args.table, (out / "summary.md").read_text())
+        print(f"lesson table updated in {args.table}")
     return 1 if failed else 0
 
 
@@ -320,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_make_demo_data,
         _add_make_tiny_tokenizer,
         _add_make_tiny_model,
+        _add_make_random_model,
         _add_finetune,
         _add_merge,
         _add_infer,
@@ -331,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # its RESUME may follow --set options, which subparsers cannot parse
+        from cogagent_nb.train.finetune import main as finetune_main
+
+        return finetune_main(argv[1:], prog="cogagent-nb finetune")
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

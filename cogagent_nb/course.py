@@ -256,14 +256,34 @@ def format_summary(runs: Sequence[LessonRun]) -> str:
 
 def markdown_table(runs: Sequence[LessonRun]) -> str:
     """The table of lessons for README's "Start here": notebook, what it teaches, measured minutes."""
-    lines = ["| notebook | what it teaches | minutes (this run) | status |", "|---|---|---|---|"]
+    lines = ["| notebook | what it teaches | run time | status |", "|---|---|---|---|"]
     for r in runs:
         title = r.title.split("·", 1)[-1].strip()
         status = "ok" if r.ok else f"failed at cell [{r.failed_cell}]"
-        lines.append(f"| `{Path(r.notebook).name}` | {title} | {r.seconds / 60:.1f} | {status} |")
-    total = sum(r.seconds for r in runs) / 60
-    lines.append(f"| **all** | | **{total:.1f}** | |")
+        lines.append(f"| `{Path(r.notebook).name}` | {title} | {_duration(r.seconds)} | {status} |")
+    lines.append(f"| **all** | | **{_duration(sum(r.seconds for r in runs))}** | |")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+TABLE_START, TABLE_END = "<!-- course-table:start -->", "<!-- course-table:end -->"
+
+
+def update_table(markdown_file: Path, summary_md: str) -> None:
+    """Replace the text between the course-table markers of a markdown file with a fresh summary table.
+
+    README's "Start here" (docs/START_HERE.md) keeps its lesson table this way, so that the times it
+    shows are always measured: `cogagent-nb course --table docs/START_HERE.md`.
+    """
+    text = Path(markdown_file).read_text(encoding="utf-8")
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{markdown_file}: no {TABLE_START} ... {TABLE_END} markers to put the table between")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    Path(markdown_file).write_text(f"{head}{TABLE_START}\n{summary_md.strip()}\n{TABLE_END}{tail}", encoding="utf-8")
 
 
 def write_summary(runs: Sequence[LessonRun], out_dir: Path) -> None:

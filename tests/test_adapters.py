@@ -23,8 +23,6 @@ from cogagent_nb.model.peft_recipes import (
     trainable_parameters_table,
 )
 
-pytest.importorskip("peft")
-
 
 @pytest.fixture
 def model(tiny_model_dir):
@@ -135,6 +133,7 @@ def test_freeze_vision_tower_as_in_sft_yaml(model):
 
 
 # --- LoRA learns, merges, saves and loads -------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["both", "language"])
 def test_lora_training_reduces_loss_and_keeps_base_frozen(model, batch, scope):
     peft_model = add_lora(model, scope=scope)
@@ -158,6 +157,7 @@ def test_merge_and_unload_gives_the_adapted_logits(model, batch):
     torch.testing.assert_close(logits_of(merged, batch), adapted, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_adapter_save_load_round_trip(model, batch, tiny_model_dir, tmp_path):
     peft_model = add_lora(model, scope="both")
     train(peft_model, batch, steps=3)

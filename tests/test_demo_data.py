@@ -159,6 +159,7 @@ def test_committed_set_is_valid_balanced_and_small(demo_data_dir: Path) -> None:
     assert total < 5_000_000
 
 
+@pytest.mark.slow
 def test_committed_set_is_what_the_generator_writes(demo_data_dir: Path, tmp_path: Path) -> None:
     """Guards against changing the generator without regenerating the data (compares the JSONL text;
     PNG bytes depend on the Pillow build, the boxes and prompts must not)."""

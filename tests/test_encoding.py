@@ -370,13 +370,6 @@ def test_truncation_invariants(screenshot, max_in, max_out, n_img, max_model):
 
 
 # --- against the official template on the parity tokenizer --------------------------------------------------
-@pytest.fixture(scope="module")
-def parity_tokenizer(parity_dir):
-    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
-
-    return ChatGLM4Tokenizer.from_pretrained(str(parity_dir))
-
-
 def test_parity_tokenizer_hand_written(parity_tokenizer, parity_dir):
     s = encode_conversation(
         [{"role": "user", "content": "hello world", "image": "img0.png"}, {"role": "assistant", "content": "Hi!"}],
@@ -398,11 +391,10 @@ def test_parity_tokenizer_hand_written(parity_tokenizer, parity_dir):
     assert official.labels.tolist() == [X] * 9 + [565, 158, 140, 19, 128, X]
 
 
-def test_ids_equal_the_official_chat_template(parity_tokenizer, parity_dir):
+def test_ids_equal_the_official_chat_template(parity_tokenizer, parity_template_checks, parity_dir):
     """Without the appended end token, our ids are exactly the official apply_chat_template's."""
-    checks = json.loads((parity_dir / "template_cases.json").read_text())["checks"]
     compared = 0
-    for check in checks:
+    for check in parity_template_checks:
         conversations = check["conversations"]
         if check["add_generation_prompt"] or len(conversations) != 1 or conversations[0][-1]["role"] != "assistant":
             continue
@@ -469,6 +461,7 @@ def test_negative_budgets_are_rejected(screenshot):
         encode(conversation, max_output_length=-1)
 
 
+@pytest.mark.slow
 def test_demo_split_with_the_tiny_tokenizer(demo_data_dir, tmp_path):
     """Every demo dev sample encodes; ids match the tokenizer's own chat template on real data."""
     from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer, write_tokenizer_files

@@ -9,20 +9,7 @@ import torch
 from cogagent_nb.model.configuration import CogAgentConfig
 from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
-EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 768, 770, 772, 775, 776, 778, 779
-
-
-def make_prompt(text: list[int], image_at: int = 1) -> list[int]:
-    return [GMASK, SOP, USER, *text[:image_at], BOI, EOS, EOI, *text[image_at:], ASSISTANT]
-
-
-def left_pad(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    """What the tokenizer's apply_chat_template returns for a batch: left padding, pads at position 0."""
-    width = max(len(r) for r in rows)
-    ids = [[EOS] * (width - len(r)) + r for r in rows]
-    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-    pos = [[0] * (width - len(r)) + list(range(len(r))) for r in rows]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "position_ids": torch.tensor(pos)}
+from conftest import TINY, cache_of, make_prompt, pad_batch
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +35,9 @@ def _greedy(model, inputs: dict, images: torch.Tensor, use_cache: bool, new: int
         )
 
 
+@pytest.mark.slow
 def test_cached_greedy_generation_equals_uncached(model, images) -> None:
-    inputs = left_pad(ROWS)
+    inputs = pad_batch(ROWS, "left")
     cached = _greedy(model, inputs, images, use_cache=True)
     uncached = _greedy(model, inputs, images, use_cache=False)
     assert cached.shape == (2, inputs["input_ids"].shape[1] + 8)
@@ -58,14 +46,14 @@ def test_cached_greedy_generation_equals_uncached(model, images) -> None:
 
 
 def test_padded_batch_generates_what_each_sample_generates_alone(model, images) -> None:
-    batch = _greedy(model, left_pad(ROWS), images, use_cache=True)
+    batch = _greedy(model, pad_batch(ROWS, "left"), images, use_cache=True)
     for i, row in enumerate(ROWS):
-        alone = _greedy(model, left_pad([row]), images[i : i + 1], use_cache=True)
+        alone = _greedy(model, pad_batch([row], "left"), images[i : i + 1], use_cache=True)
         assert batch[i, -8:].tolist() == alone[0, -8:].tolist()
 
 
 def test_vision_runs_once_and_decode_feeds_one_token_at_the_right_position(model, images) -> None:
-    inputs = left_pad(ROWS[:1])
+    inputs = pad_batch(ROWS[:1], "left")
     length = inputs["input_ids"].shape[1]
     n = model.config.num_image_tokens
     vision_calls, fed_lengths, rope_positions = [], [], []
@@ -89,25 +77,25 @@ def test_vision_runs_once_and_decode_feeds_one_token_at_the_right_position(model
     assert rope_positions[0].shape[1] == length + n - 1 and rope_positions[0][0, -1].item() == length - 1
     assert [p.item() for p in rope_positions[1:]] == [length, length + 1, length + 2, length + 3]
     # ... while its cache index is L + n - 1 + t: after 4 decode steps the cache holds L + n - 1 + 4 entries
-    assert out.cache.get_seq_length() == length + n - 1 + 4
+    assert cache_of(out).get_seq_length() == length + n - 1 + 4
 
 
 def test_forward_with_a_cache_checks_its_inputs(model, images) -> None:
-    inputs = left_pad(ROWS[:1])
+    inputs = pad_batch(ROWS[:1], "left")
     with torch.no_grad():
         prefill = model(**inputs, images=images[:1], use_cache=True)
         next_id = prefill.logits[:, -1:].argmax(-1)
         with pytest.raises(ValueError, match="position_ids are required"):
-            model(input_ids=next_id, cache=prefill.cache)
+            model(input_ids=next_id, cache=cache_of(prefill))
         with pytest.raises(ValueError, match="after the image splice"):
             model(
-                input_ids=next_id, cache=prefill.cache, position_ids=torch.tensor([[99]]),
+                input_ids=next_id, cache=cache_of(prefill), position_ids=torch.tensor([[99]]),
                 attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long),
             )  # fmt: skip
 
 
 def test_text_only_generation_works_without_images(model) -> None:
-    ids = torch.tensor([[GMASK, SOP, USER, 5, 6, 7, ASSISTANT]])
+    ids = torch.tensor([[TINY.gmask, TINY.sop, TINY.user, 5, 6, 7, TINY.assistant]])
     cached = _greedy(model, {"input_ids": ids}, None, use_cache=True, new=5)
     uncached = _greedy(model, {"input_ids": ids}, None, use_cache=False, new=5)
     assert torch.equal(cached, uncached)

@@ -22,6 +22,8 @@ from cogagent_nb.model.loading import (
     resolve_dtype,
 )
 
+from conftest import logits_of
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 
 
@@ -46,11 +48,6 @@ def image_batch(tokenizer, model, n: int = 2, seed: int = 0) -> dict[str, torch.
     ids = torch.cat([torch.tensor([tokenizer.gmask_id, tokenizer.sop_id]).expand(n, 2), triple, text], dim=1)
     size = model.config.image_size
     return {"input_ids": ids, "images": torch.randn(n, 3, size, size, generator=g), "labels": ids.clone()}
-
-
-def logits_of(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def sha256(path: Path) -> str:

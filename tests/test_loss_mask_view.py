@@ -29,16 +29,9 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(parity_dir):
-    from cogagent_nb.data.tokenizer import ChatGLM4Tokenizer
-
-    return ChatGLM4Tokenizer.from_pretrained(str(parity_dir))
-
-
-@pytest.fixture(scope="module")
-def sample(tokenizer, parity_dir):
+def sample(parity_tokenizer, parity_dir):
     # ids: [gMASK] <sop> <|user|> \n boi pad eoi hello ␣world <|assistant|> \n H i ! <|user|>
-    return encode_conversation(CONVERSATION, tokenizer, num_image_tokens=1600, image_root=parity_dir)
+    return encode_conversation(CONVERSATION, parity_tokenizer, num_image_tokens=1600, image_root=parity_dir)
 
 
 def test_counts_at_model_length(sample):
@@ -48,16 +41,18 @@ def test_counts_at_model_length(sample):
     assert counts["total"] == sample.model_length
 
 
-def test_official_mode_counts_differ_by_the_role_and_end_tokens(tokenizer, parity_dir):
-    official = encode_conversation(CONVERSATION, tokenizer, num_image_tokens=64, image_root=parity_dir, mode="official")
+def test_official_mode_counts_differ_by_the_role_and_end_tokens(parity_tokenizer, parity_dir):
+    official = encode_conversation(
+        CONVERSATION, parity_tokenizer, num_image_tokens=64, image_root=parity_dir, mode="official"
+    )
     # the official mask supervises <|assistant|> \n H i ! and leaves the end token unsupervised: same
     # count, different tokens, and the one that teaches the model to stop is missing
     assert mask_counts(official) == {"prompt": 7, "supervised": 5, "image": 66, "total": 78, "ids": 15}
     assert official.labels.tolist()[-1] == -100
 
 
-def test_token_views_collapse_the_image_and_name_specials(sample, tokenizer):
-    views = token_views(sample, tokenizer)
+def test_token_views_collapse_the_image_and_name_specials(sample, parity_tokenizer):
+    views = token_views(sample, parity_tokenizer)
     assert [v.text for v in views] == [
         "[gMASK]",
         "<sop>",
@@ -78,8 +73,8 @@ def test_token_views_collapse_the_image_and_name_specials(sample, tokenizer):
     assert image_label(1600) == "image ×1602 (1 boi + 1600 patches + 1 eoi)"
 
 
-def test_html_classes_and_text(sample, tokenizer):
-    page = render_html(sample, tokenizer, title="demo <1>")
+def test_html_classes_and_text(sample, parity_tokenizer):
+    page = render_html(sample, parity_tokenizer, title="demo <1>")
     spans = re.findall(r'<span class="tok ([a-z ]+)" title="ids ([0-9 ]+)">(.*?)</span>', page, flags=re.S)
     assert len(spans) == 13
     assert [c for c, _, _ in spans].count("supervised") == 4  # "\n", "H", "i", "!"
@@ -97,14 +92,14 @@ def test_counts_table(sample):
         counts_table_html({})
 
 
-def test_figures(sample, tokenizer):
+def test_figures(sample, parity_tokenizer):
     fig = plot_loss_mask([sample, sample], titles=["x", "y"])
     ax = fig.axes[0]
     assert ax.get_xlim() == (0, 1614 * 1.02)  # a margin after the longest bar, so it does not look clipped
     assert len(ax.collections) == 6  # 3 categories × 2 rows
     widths = [[round(np.ptp(path.vertices[:, 0])) for path in c.get_paths()] for c in ax.collections[:3]]
     assert widths == [[4, 3], [5], [1602]]  # prompt runs before/after the image, targets, the image
-    fig2 = plot_token_cells([sample], tokenizer, last=5)
+    fig2 = plot_token_cells([sample], parity_tokenizer, last=5)
     texts = [t.get_text() for t in fig2.axes[0].texts]
     assert texts == ["↵", "H", "i", "!", "<|user|>"]
     import matplotlib.pyplot as plt
@@ -113,21 +108,21 @@ def test_figures(sample, tokenizer):
     plt.close(fig2)
 
 
-def test_mask_browser_steps_through_samples(tokenizer, parity_dir):
+def test_mask_browser_steps_through_samples(parity_tokenizer, parity_dir):
     samples = [
-        encode_conversation(CONVERSATION, tokenizer, num_image_tokens=16, image_root=parity_dir, name="a"),
+        encode_conversation(CONVERSATION, parity_tokenizer, num_image_tokens=16, image_root=parity_dir, name="a"),
         encode_conversation(
             [
                 {"role": "user", "content": "x", "image": "img1.png"},
                 {"role": "assistant", "content": "a longer answer"},
             ],
-            tokenizer,
+            parity_tokenizer,
             num_image_tokens=16,
             image_root=parity_dir,
             name="b",
         ),
     ]
-    box = mask_browser(lambda i: samples[i], len(samples), tokenizer)
+    box = mask_browser(lambda i: samples[i], len(samples), parity_tokenizer)
     slider, view = box.children
     assert "0: a" in view.value
     slider.value = 1

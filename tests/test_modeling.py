@@ -21,27 +21,7 @@ from cogagent_nb.model.modeling import (
     splice_image,
 )
 
-# Tiny special ids (tiny tokenizer: 768 ranks, then the 14 GLM-4 specials).
-EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 768, 770, 772, 775, 776, 778, 779
-
-
-def make_prompt(text: list[int], image_at: int = 1) -> list[int]:
-    """[gMASK]<sop><|user|> + text[:image_at] + boi placeholder eoi + text[image_at:] + <|assistant|>."""
-    return [GMASK, SOP, USER, *text[:image_at], BOI, EOS, EOI, *text[image_at:], ASSISTANT]
-
-
-def pad_batch(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad like the tokenizer: pad id EOS, mask 0, position 0 for pads; positions 0..n-1 for real tokens."""
-    width = max(len(r) for r in rows)
-    ids, mask, pos = [], [], []
-    for row in rows:
-        pad = width - len(row)
-        real_pos = list(range(len(row)))
-        if side == "left":
-            ids.append([EOS] * pad + row), mask.append([0] * pad + [1] * len(row)), pos.append([0] * pad + real_pos)
-        else:
-            ids.append(row + [EOS] * pad), mask.append([1] * len(row) + [0] * pad), pos.append(real_pos + [0] * pad)
-    return torch.tensor(ids), torch.tensor(mask), torch.tensor(pos)
+from conftest import TINY, cache_of, make_prompt, pad_batch
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +90,7 @@ def test_parity_case_detects_the_other_rope_style(parity_dir: Path) -> None:
     assert _rel_l2(logits, case["logits"]) > 1e-2
 
 
-# ---- the 9B parameter table (reference §2) ------------------------------------------------------------
+# ---- the 9B parameter table (docs/MODEL_SPEC.md §2) ------------------------------------------------------------
 def _reference_table() -> dict[str, tuple[int, ...]]:
     """Every checkpoint key and shape of cogagent-9b-20241220, written from the reference table."""
     table: dict[str, tuple[int, ...]] = {
@@ -256,14 +236,19 @@ def test_splice_worked_example_by_hand() -> None:
     assert config.num_image_tokens == 1
     n = 1
     # row 0: boi at 1; row 1: left padded by 2, boi at 3.
-    ids = torch.tensor([[GMASK, BOI, EOS, EOI, 11, 12, 13], [EOS, EOS, GMASK, BOI, EOS, EOI, 11]])
+    ids = torch.tensor(
+        [
+            [TINY.gmask, TINY.boi, TINY.eos, TINY.eoi, 11, 12, 13],
+            [TINY.eos, TINY.eos, TINY.gmask, TINY.boi, TINY.eos, TINY.eoi, 11],
+        ]
+    )
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
     labels = torch.tensor([[-100, -100, -100, -100, 12, 13, -100], [-100, -100, -100, -100, -100, -100, 11]])
     embeds = torch.arange(14.0).view(2, 7, 1)  # text vector of token t in row r = 7r + t
     features = -torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).view(2, n + 2, 1)  # boi*, image, eoi*
     out = splice_image(
-        ids, num_image_tokens=n, boi_token_id=BOI, eoi_token_id=EOI,
+        ids, num_image_tokens=n, boi_token_id=TINY.boi, eoi_token_id=TINY.eoi,
         inputs_embeds=embeds, image_features=features, position_ids=position_ids, attention_mask=mask, labels=labels,
     )  # fmt: skip
     assert out.boi_positions.tolist() == [1, 3]
@@ -277,10 +262,10 @@ def test_splice_worked_example_by_hand() -> None:
 
 
 def test_splice_three_image_tokens_share_one_position() -> None:
-    ids = torch.tensor([[GMASK, SOP, BOI, EOS, EOI, 20, 21]])
+    ids = torch.tensor([[TINY.gmask, TINY.sop, TINY.boi, TINY.eos, TINY.eoi, 20, 21]])
     labels = torch.tensor([[-100, -100, -100, -100, -100, 21, 22]])
     out = splice_image(
-        ids, num_image_tokens=3, boi_token_id=BOI, eoi_token_id=EOI,
+        ids, num_image_tokens=3, boi_token_id=TINY.boi, eoi_token_id=TINY.eoi,
         position_ids=torch.arange(7)[None], attention_mask=torch.ones(1, 7, dtype=torch.long), labels=labels,
     )  # fmt: skip
     #                      g  sop boi i  i  i  eoi t20 t21
@@ -292,9 +277,12 @@ def test_splice_three_image_tokens_share_one_position() -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ([GMASK, SOP, 5, 6, 7, 8, ASSISTANT], "row 1 of input_ids holds 0 <|begin_of_image|>"),
-        ([BOI, EOS, EOI, BOI, EOS, EOI, ASSISTANT], "row 1 of input_ids holds 2 <|begin_of_image|>"),
-        ([GMASK, BOI, EOS, 5, EOI, 6, ASSISTANT], "must come 2 after"),
+        ([TINY.gmask, TINY.sop, 5, 6, 7, 8, TINY.assistant], "row 1 of input_ids holds 0 <|begin_of_image|>"),
+        (
+            [TINY.boi, TINY.eos, TINY.eoi, TINY.boi, TINY.eos, TINY.eoi, TINY.assistant],
+            "row 1 of input_ids holds 2 <|begin_of_image|>",
+        ),
+        ([TINY.gmask, TINY.boi, TINY.eos, 5, TINY.eoi, 6, TINY.assistant], "must come 2 after"),
     ],
 )
 def test_every_row_needs_exactly_one_image(tiny, images, row: list[int], message: str) -> None:
@@ -318,9 +306,9 @@ def test_forward_backward_reaches_every_parameter(images) -> None:
     ids = torch.tensor([make_prompt(list(range(100, 130)), image_at=3)] * 2)
     labels = ids.clone()
     labels[:, :10] = -100
-    out = model(input_ids=ids, images=images[:2], labels=labels)
+    out = model(input_ids=ids, images=images[:2], labels=labels, return_logits=True)
     n = model.config.num_image_tokens
-    assert out.logits.shape == (2, ids.shape[1] + n - 1, 832)
+    assert out.logits.shape == (2, ids.shape[1] + n - 1, model.config.padded_vocab_size)
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
@@ -358,8 +346,7 @@ def test_left_and_right_padding_give_the_same_logits_for_real_tokens(tiny, image
         ]
         results = {}
         for side in ("left", "right"):
-            ids, mask, pos = pad_batch(rows, side)
-            logits = tiny(input_ids=ids, images=images[:2], attention_mask=mask, position_ids=pos).logits
+            logits = tiny(**pad_batch(rows, side), images=images[:2]).logits
             assert torch.isfinite(logits).all()  # fully padded query rows do not produce NaN
             results[side] = logits
     width = max(len(r) for r in rows) + n - 1
@@ -383,7 +370,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(images) -> Non
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     plain_loss, plain_grads = loss_and_grads()
-    model.activation_checkpointing_enable()  # transformers 5 name (non-reentrant by default)
+    # transformers 5.24 renamed gradient_checkpointing_enable (non-reentrant by default in both)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     assert all(layer.gradient_checkpointing for layer in model.transformer.encoder.layers)
     assert all(layer.gradient_checkpointing for layer in model.transformer.vision.transformer.layers)
     ckpt_loss, ckpt_grads = loss_and_grads()
@@ -421,12 +410,12 @@ def test_a_prefix_in_the_cache_equals_reading_it_as_text(tiny, images) -> None:
     Reading text A into a cache, then the image prompt B with positions P.. and a mask of P + L ones,
     must give the logits that one forward over A + B gives for B's part.
     """
-    prefix = [GMASK, SOP, 9, 10, 11]
+    prefix = [TINY.gmask, TINY.sop, 9, 10, 11]
     prompt = make_prompt(list(range(600, 620)), image_at=2)
     n, p, length = tiny.config.num_image_tokens, len(prefix), len(prompt)
     with torch.no_grad():
         whole = tiny(input_ids=torch.tensor([prefix + prompt]), images=images[:1]).logits[0, p:]
-        cache = tiny(input_ids=torch.tensor([prefix]), use_cache=True).cache
+        cache = cache_of(tiny(input_ids=torch.tensor([prefix]), use_cache=True))
         assert cache.get_seq_length() == p
         out = tiny(
             input_ids=torch.tensor([prompt]),
@@ -436,5 +425,5 @@ def test_a_prefix_in_the_cache_equals_reading_it_as_text(tiny, images) -> None:
             attention_mask=torch.ones(1, p + length, dtype=torch.long),
             use_cache=True,
         )
-    assert out.cache.get_seq_length() == p + length + n - 1
+    assert cache_of(out).get_seq_length() == p + length + n - 1
     torch.testing.assert_close(out.logits[0], whole, atol=1e-5, rtol=1e-4)

@@ -122,3 +122,19 @@ def test_save_pretrained_refuses_a_peft_model(tiny_model_dir: Path, tmp_path: Pa
     tokenizer, model = load(tiny_model_dir)
     with pytest.raises(TypeError, match="save_adapter"):
         save_pretrained(tmp_path, add_lora(model), tokenizer)
+
+
+def test_make_random_model_puts_special_ids_where_the_config_expects_them(tmp_path):
+    """A real-size preset gets a stand-in tokenizer whose special ids equal the config's (151329... on the 9B);
+    checked here on a tiny tower with a 3000-rank vocabulary, since a 9B does not fit a CI machine."""
+    import cogagent_nb as cnb
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
+
+    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(3000))
+    out = cnb.make_random_model(tmp_path / "m", config, dtype="float32")
+    tokenizer, model = cnb.load(out)
+    assert tokenizer.pad_token_id == config.pad_token_id == 3000
+    assert (tokenizer.boi_id, tokenizer.eoi_id) == (config.boi_token_id, config.eoi_token_id)
+    assert model.config.padded_vocab_size == config.padded_vocab_size
+    ids = tokenizer.encode_text("Click the OK button at 120, 340")
+    assert ids and max(ids) < 1000  # text never reaches the 0xF8 filler ranks

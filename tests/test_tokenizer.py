@@ -22,23 +22,16 @@ from cogagent_nb.data.tokenizer import (
 )
 
 
-@pytest.fixture(scope="module")
-def tok(parity_dir: Path) -> ChatGLM4Tokenizer:
-    return ChatGLM4Tokenizer.from_pretrained(parity_dir)
-
-
-def _checks(parity_dir: Path) -> list[dict]:
-    return json.loads((parity_dir / "template_cases.json").read_text(encoding="utf-8"))["checks"]
-
-
 # --- parity with the official tokenizer ----------------------------------------------------------------
-def test_parity_template_cases(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None:
+def test_parity_template_cases(
+    parity_tokenizer: ChatGLM4Tokenizer, parity_template_checks: list[dict], parity_dir: Path
+) -> None:
     """All 16 official apply_chat_template outputs: ids, mask, positions exactly; images to 1e-5."""
-    checks = _checks(parity_dir)
+    checks = parity_template_checks
     images = torch.load(parity_dir / "template_images.pt", weights_only=True)
     assert len(checks) == 16
     for check in checks:
-        out = tok.apply_chat_template(
+        out = parity_tokenizer.apply_chat_template(
             check["conversations"],
             add_generation_prompt=check["add_generation_prompt"],
             tokenize=True,
@@ -55,11 +48,18 @@ def test_parity_template_cases(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None
             assert "images" not in out, check["name"]
 
 
-def test_parity_special_ids(tok: ChatGLM4Tokenizer) -> None:
-    assert tok.vocab_size == 557 and len(tok) == 571
-    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(557, 571))
-    assert (tok.eos_id, tok.pad_token_id, tok.eos_token_id) == (557, 557, 557)
-    assert (tok.gmask_id, tok.sop_id, tok.system_id, tok.user_id, tok.assistant_id, tok.observation_id) == (
+def test_parity_special_ids(parity_tokenizer: ChatGLM4Tokenizer) -> None:
+    assert parity_tokenizer.vocab_size == 557 and len(parity_tokenizer) == 571
+    assert [parity_tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(557, 571))
+    assert (parity_tokenizer.eos_id, parity_tokenizer.pad_token_id, parity_tokenizer.eos_token_id) == (557, 557, 557)
+    assert (
+        parity_tokenizer.gmask_id,
+        parity_tokenizer.sop_id,
+        parity_tokenizer.system_id,
+        parity_tokenizer.user_id,
+        parity_tokenizer.assistant_id,
+        parity_tokenizer.observation_id,
+    ) == (
         559,
         561,
         563,
@@ -67,26 +67,28 @@ def test_parity_special_ids(tok: ChatGLM4Tokenizer) -> None:
         565,
         566,
     )
-    assert (tok.boi_id, tok.eoi_id) == (567, 568)
-    assert tok.eos_token_ids_for_generation == [557, 564, 566]
-    assert tok.image_size == 112 and tok.padding_side == "left"
+    assert (parity_tokenizer.boi_id, parity_tokenizer.eoi_id) == (567, 568)
+    assert parity_tokenizer.eos_token_ids_for_generation == [557, 564, 566]
+    assert parity_tokenizer.image_size == 112 and parity_tokenizer.padding_side == "left"
 
 
 # --- the Hugging Face text path ------------------------------------------------------------------------
-def test_call_splits_special_strings_and_prepends_prefix(tok: ChatGLM4Tokenizer) -> None:
-    ids = tok("hi <|user|> there")["input_ids"]
-    assert ids[:2] == [tok.gmask_id, tok.sop_id]
-    assert ids[2:] == tok.encode_text("hi ") + [tok.user_id] + tok.encode_text(" there")
-    assert tok("hi", add_special_tokens=False)["input_ids"] == tok.encode_text("hi")
+def test_call_splits_special_strings_and_prepends_prefix(parity_tokenizer: ChatGLM4Tokenizer) -> None:
+    ids = parity_tokenizer("hi <|user|> there")["input_ids"]
+    assert ids[:2] == [parity_tokenizer.gmask_id, parity_tokenizer.sop_id]
+    assert ids[2:] == parity_tokenizer.encode_text("hi ") + [parity_tokenizer.user_id] + parity_tokenizer.encode_text(
+        " there"
+    )
+    assert parity_tokenizer("hi", add_special_tokens=False)["input_ids"] == parity_tokenizer.encode_text("hi")
 
 
-def test_encode_text_keeps_special_strings_as_text(tok: ChatGLM4Tokenizer) -> None:
-    ids = tok.encode_text("<|user|>[gMASK]")
-    assert not set(ids) & set(tok.all_special_ids)
-    assert tok.decode(ids) == "<|user|>[gMASK]"
+def test_encode_text_keeps_special_strings_as_text(parity_tokenizer: ChatGLM4Tokenizer) -> None:
+    ids = parity_tokenizer.encode_text("<|user|>[gMASK]")
+    assert not set(ids) & set(parity_tokenizer.all_special_ids)
+    assert parity_tokenizer.decode(ids) == "<|user|>[gMASK]"
 
 
-def test_rendered_string_retokenizes_to_template_ids(tok: ChatGLM4Tokenizer) -> None:
+def test_rendered_string_retokenizes_to_template_ids(parity_tokenizer: ChatGLM4Tokenizer) -> None:
     """tokenize=False renders text that the HF path turns back into the same ids (no special text in content)."""
     conversation = [
         {"role": "system", "content": "Be brief."},
@@ -94,113 +96,127 @@ def test_rendered_string_retokenizes_to_template_ids(tok: ChatGLM4Tokenizer) -> 
         {"role": "assistant", "content": "here"},
         {"role": "user", "content": "and now"},
     ]
-    text = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    text = parity_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     assert text == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nwhere?<|assistant|>\nhere<|user|>\nand now<|assistant|>"
-    assert tok(text, add_special_tokens=False)["input_ids"] == tok.apply_chat_template(
+    assert parity_tokenizer(text, add_special_tokens=False)["input_ids"] == parity_tokenizer.apply_chat_template(
         conversation, add_generation_prompt=True
     )
 
 
-def test_decode_skip_special_tokens(tok: ChatGLM4Tokenizer) -> None:
-    ids = tok.apply_chat_template([{"role": "user", "content": "ça va? 👍"}], add_generation_prompt=True)
-    assert tok.decode(ids, skip_special_tokens=True) == "\nça va? 👍"
-    assert tok.decode(ids) == "[gMASK]<sop><|user|>\nça va? 👍<|assistant|>"
-    assert tok.decode(torch.tensor(ids), skip_special_tokens=True) == "\nça va? 👍"
+def test_decode_skip_special_tokens(parity_tokenizer: ChatGLM4Tokenizer) -> None:
+    ids = parity_tokenizer.apply_chat_template([{"role": "user", "content": "ça va? 👍"}], add_generation_prompt=True)
+    assert parity_tokenizer.decode(ids, skip_special_tokens=True) == "\nça va? 👍"
+    assert parity_tokenizer.decode(ids) == "[gMASK]<sop><|user|>\nça va? 👍<|assistant|>"
+    assert parity_tokenizer.decode(torch.tensor(ids), skip_special_tokens=True) == "\nça va? 👍"
 
 
-def test_ids_beyond_vocabulary_decode_to_nothing(tok: ChatGLM4Tokenizer) -> None:
+def test_ids_beyond_vocabulary_decode_to_nothing(parity_tokenizer: ChatGLM4Tokenizer) -> None:
     """The model's embedding rows past len(tokenizer) can be sampled by an untrained model."""
-    assert tok.decode(tok.encode_text("ab") + [len(tok) + 5]) == "ab"
+    assert parity_tokenizer.decode(parity_tokenizer.encode_text("ab") + [len(parity_tokenizer) + 5]) == "ab"
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=80))
-def test_round_trip_arbitrary_unicode(tok: ChatGLM4Tokenizer, text: str) -> None:
-    assert tok.decode(tok.encode_text(text)) == text
+def test_round_trip_arbitrary_unicode(parity_tokenizer: ChatGLM4Tokenizer, text: str) -> None:
+    assert parity_tokenizer.decode(parity_tokenizer.encode_text(text)) == text
     if not any(special in text for special in SPECIAL_TOKENS):
-        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+        assert parity_tokenizer.decode(parity_tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
-def test_batch_call_pads_left_with_positions(tok: ChatGLM4Tokenizer) -> None:
-    batch = tok(["a", "a longer text"], padding=True, return_tensors="pt")
-    short = len(tok.encode_text("a")) + 2
+def test_batch_call_pads_left_with_positions(parity_tokenizer: ChatGLM4Tokenizer) -> None:
+    batch = parity_tokenizer(["a", "a longer text"], padding=True, return_tensors="pt")
+    short = len(parity_tokenizer.encode_text("a")) + 2
     width = batch["input_ids"].shape[1]
-    assert batch["input_ids"][0, : width - short].eq(tok.pad_token_id).all()
+    assert batch["input_ids"][0, : width - short].eq(parity_tokenizer.pad_token_id).all()
     assert batch["attention_mask"][0].tolist() == [0] * (width - short) + [1] * short
     assert batch["position_ids"][0].tolist() == [0] * (width - short) + list(range(short))
     assert batch["position_ids"][1].tolist() == list(range(width))
 
 
 # --- the chat template: shapes and options -------------------------------------------------------------
-def test_template_return_forms(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None:
+def test_template_return_forms(parity_tokenizer: ChatGLM4Tokenizer, parity_dir: Path) -> None:
     conv = [{"role": "user", "content": "x", "image": str(parity_dir / "img0.png")}]
-    flat = tok.apply_chat_template(conv, add_generation_prompt=True)
+    flat = parity_tokenizer.apply_chat_template(conv, add_generation_prompt=True)
     assert flat == [
-        tok.gmask_id,
-        tok.sop_id,
-        tok.user_id,
-        *tok.encode_text("\n"),
-        tok.boi_id,
-        tok.eos_id,
-        tok.eoi_id,
-        *tok.encode_text("x"),
-        tok.assistant_id,
+        parity_tokenizer.gmask_id,
+        parity_tokenizer.sop_id,
+        parity_tokenizer.user_id,
+        *parity_tokenizer.encode_text("\n"),
+        parity_tokenizer.boi_id,
+        parity_tokenizer.eos_id,
+        parity_tokenizer.eoi_id,
+        *parity_tokenizer.encode_text("x"),
+        parity_tokenizer.assistant_id,
     ]
-    assert tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt").tolist() == [flat]
-    single = tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)
+    assert parity_tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt").tolist() == [
+        flat
+    ]
+    single = parity_tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)
     assert single["input_ids"] == flat and single["images"].shape == (3, 112, 112)
-    batched = tok.apply_chat_template([conv, conv], return_dict=True, return_tensors="pt")
+    batched = parity_tokenizer.apply_chat_template([conv, conv], return_dict=True, return_tensors="pt")
     assert batched["images"].shape == (2, 3, 112, 112)
-    pil = tok.apply_chat_template(
+    pil = parity_tokenizer.apply_chat_template(
         [{"role": "user", "content": "x", "image": Image.open(parity_dir / "img0.png")}],
         return_dict=True,
         return_tensors="pt",
     )
     torch.testing.assert_close(pil["images"], batched["images"][:1])
-    assert tok.apply_chat_template({"messages": conv}, add_generation_prompt=True) == flat
+    assert parity_tokenizer.apply_chat_template({"messages": conv}, add_generation_prompt=True) == flat
 
 
-def test_template_relative_image_paths_use_cwd(tok: ChatGLM4Tokenizer, parity_dir: Path, monkeypatch) -> None:
+def test_template_relative_image_paths_use_cwd(
+    parity_tokenizer: ChatGLM4Tokenizer, parity_dir: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(parity_dir)
-    out = tok.apply_chat_template([{"role": "user", "content": "x", "image": "img1.png"}], return_dict=True)
+    out = parity_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x", "image": "img1.png"}], return_dict=True
+    )
     assert out["images"].shape == (3, 112, 112)
 
 
-def test_template_metadata_goes_before_newline(tok: ChatGLM4Tokenizer) -> None:
-    ids = tok.apply_chat_template([{"role": "user", "content": "c", "metadata": "m"}])
-    assert ids == [tok.gmask_id, tok.sop_id, tok.user_id, *tok.encode_text("m\n"), *tok.encode_text("c")]
+def test_template_metadata_goes_before_newline(parity_tokenizer: ChatGLM4Tokenizer) -> None:
+    ids = parity_tokenizer.apply_chat_template([{"role": "user", "content": "c", "metadata": "m"}])
+    assert ids == [
+        parity_tokenizer.gmask_id,
+        parity_tokenizer.sop_id,
+        parity_tokenizer.user_id,
+        *parity_tokenizer.encode_text("m\n"),
+        *parity_tokenizer.encode_text("c"),
+    ]
 
 
 # --- errors --------------------------------------------------------------------------------------------
-def test_two_images_raise(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None:
+def test_two_images_raise(parity_tokenizer: ChatGLM4Tokenizer, parity_dir: Path) -> None:
     conv = [
         {"role": "user", "content": "a", "image": parity_dir / "img0.png"},
         {"role": "assistant", "content": "b"},
         {"role": "user", "content": "c", "image": parity_dir / "img1.png"},
     ]
     with pytest.raises(ValueError, match="message 2 carries a second image"):
-        tok.apply_chat_template(conv)
+        parity_tokenizer.apply_chat_template(conv)
     with pytest.raises(ValueError, match="second image"):
-        tok.apply_chat_template(conv, tokenize=False)
+        parity_tokenizer.apply_chat_template(conv, tokenize=False)
 
 
-def test_missing_image_names_the_path(tok: ChatGLM4Tokenizer, tmp_path: Path) -> None:
+def test_missing_image_names_the_path(parity_tokenizer: ChatGLM4Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nothere\.png"):
-        tok.apply_chat_template([{"role": "user", "content": "a", "image": "nothere.png"}], image_root=tmp_path)
+        parity_tokenizer.apply_chat_template(
+            [{"role": "user", "content": "a", "image": "nothere.png"}], image_root=tmp_path
+        )
 
 
-def test_unsupported_inputs_raise_clearly(tok: ChatGLM4Tokenizer, parity_dir: Path) -> None:
+def test_unsupported_inputs_raise_clearly(parity_tokenizer: ChatGLM4Tokenizer, parity_dir: Path) -> None:
     with pytest.raises(NotImplementedError, match="tools"):
-        tok.apply_chat_template([{"role": "user", "content": "a"}], tools=[{"name": "f"}])
+        parity_tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tools=[{"name": "f"}])
     with pytest.raises(NotImplementedError, match="tools"):
-        tok.apply_chat_template([{"role": "system", "content": "", "tools": [{"name": "f"}]}])
+        parity_tokenizer.apply_chat_template([{"role": "system", "content": "", "tools": [{"name": "f"}]}])
     with pytest.raises(ValueError, match="role 'bot'"):
-        tok.apply_chat_template([{"role": "bot", "content": "a"}])
+        parity_tokenizer.apply_chat_template([{"role": "bot", "content": "a"}])
     with pytest.raises(ValueError, match="does not truncate"):
-        tok.apply_chat_template([{"role": "user", "content": "a"}], truncation=True, max_length=3)
+        parity_tokenizer.apply_chat_template([{"role": "user", "content": "a"}], truncation=True, max_length=3)
     mixed = [[{"role": "user", "content": "a", "image": parity_dir / "img0.png"}], [{"role": "user", "content": "b"}]]
     with pytest.raises(ValueError, match=r"conversation\(s\) \[1\]"):
-        tok.apply_chat_template(mixed, return_dict=True)
+        parity_tokenizer.apply_chat_template(mixed, return_dict=True)
 
 
 def test_config_with_wrong_special_ids_is_rejected(parity_dir: Path, tmp_path: Path) -> None:
@@ -213,13 +229,13 @@ def test_config_with_wrong_special_ids_is_rejected(parity_dir: Path, tmp_path: P
 
 
 # --- files: save/load, the official layout, the tiny tokenizer ---------------------------------------------
-def test_save_pretrained_round_trip(tok: ChatGLM4Tokenizer, tmp_path: Path) -> None:
-    tok.save_pretrained(tmp_path)
+def test_save_pretrained_round_trip(parity_tokenizer: ChatGLM4Tokenizer, tmp_path: Path) -> None:
+    parity_tokenizer.save_pretrained(tmp_path)
     again = ChatGLM4Tokenizer.from_pretrained(tmp_path)
-    assert read_tokenizer_model(tmp_path / "tokenizer.model") == read_tokenizer_model(tok.vocab_file)
-    assert again.image_size == tok.image_size and again.padding_side == "left"
+    assert read_tokenizer_model(tmp_path / "tokenizer.model") == read_tokenizer_model(parity_tokenizer.vocab_file)
+    assert again.image_size == parity_tokenizer.image_size and again.padding_side == "left"
     text = "Task: click OK <|user|> 你好"
-    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert again(text)["input_ids"] == parity_tokenizer(text)["input_ids"]
 
 
 def test_write_tokenizer_files_official_layout(parity_dir: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 Box = tuple[int, int, int, int]
 SCALE = 1000

@@ -130,7 +130,9 @@ def write_tokenizer_model(path: str | Path, ranks: dict[bytes, int]) -> Path:
     if set(ranks.values()) != expected:
         raise ValueError(f"ranks must be exactly 0…{len(ranks) - 1}, each once")
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in sorted(ranks.items(), key=_by_rank)]
+    lines = [
+        f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in sorted(ranks.items(), key=_by_rank)
+    ]
     path.write_text("".join(lines), encoding="ascii")
     return path
 
@@ -145,7 +147,11 @@ class BPETrainingError(ValueError):
 
 
 def train_bpe(
-    texts: Iterable[str], n_ranks: int, *, pat_str: str = GLM4_PAT_STR, min_pair_count: int = 2,
+    texts: Iterable[str],
+    n_ranks: int,
+    *,
+    pat_str: str = GLM4_PAT_STR,
+    min_pair_count: int = 2,
     progress: bool = False,
 ) -> dict[bytes, int]:
     """Learn byte-level BPE ranks: the 256 single bytes (ranks 0…255), then ``n_ranks − 256`` merges.
@@ -317,7 +323,9 @@ def _messages(line: str, path: Path, line_no: int) -> list[tuple[str, str]]:
     return out
 
 
-def make_tiny_tokenizer(data_dir: str | Path, out_file: str | Path, n_ranks: int = TINY_N_RANKS) -> TinyTokenizerSummary:
+def make_tiny_tokenizer(
+    data_dir: str | Path, out_file: str | Path, n_ranks: int = TINY_N_RANKS
+) -> TinyTokenizerSummary:
     """Learn the course's tiny tokenizer from `data_dir/train.jsonl` and write it to `out_file`.
 
     It trains on the user prompts and assistant answers: the text the model reads and writes. The

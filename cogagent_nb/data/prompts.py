@@ -10,7 +10,7 @@ the task, the steps done so far, the platform and the wanted answer format. The 
 so a second step reads (``→`` is a tab)::
 
     Task: Open Settings and go to Network
-    History steps: 
+    History steps:
     0. CLICK(box=[[12,20,40,60]], element_info='Settings')→Click the Settings icon.
     (Platform: WIN)
     (Answer in Action-Operation-Sensitive format.)
@@ -27,8 +27,8 @@ one sees the other as a distribution shift, so the order is an explicit choice h
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Union
 
 from cogagent_nb.data.actions import ANSWER_FORMATS, PLATFORMS, Action, format_operation, parse_operation
 
@@ -68,11 +68,18 @@ class PromptParts:
     continue_: bool
 
 
-HistoryLike = Union[HistoryStep, tuple[Union[str, Action], str]]
+HistoryLike = HistoryStep | tuple[str | Action, str]
 
 
-def build_prompt(task: str, platform: str, answer_format: str, history: Iterable[HistoryLike] = (),
-                 *, order: str = "official", continue_: bool = False) -> str:
+def build_prompt(
+    task: str,
+    platform: str,
+    answer_format: str,
+    history: Iterable[HistoryLike] = (),
+    *,
+    order: str = "official",
+    continue_: bool = False,
+) -> str:
     """Concatenate a CogAgent user prompt.
 
     `history` holds `HistoryStep`s or ``(operation, action)`` pairs, where the operation is an
@@ -82,8 +89,7 @@ def build_prompt(task: str, platform: str, answer_format: str, history: Iterable
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     head = f"Task: {task}" + (CONTINUE_MARK if continue_ else "")
-    lines = "".join(f"\n{i}. {step.grounded_operation}\t{step.action}"
-                    for i, step in enumerate(_as_steps(history)))
+    lines = "".join(f"\n{i}. {step.grounded_operation}\t{step.action}" for i, step in enumerate(_as_steps(history)))
     tail = f"(Platform: {platform})\n(Answer in {answer_format} format.)\n"
     if order == "official":
         return f"{head}\nHistory steps: {lines}\n{tail}"
@@ -108,11 +114,11 @@ def _as_steps(history: Iterable[HistoryLike]) -> list[HistoryStep]:
 
 _TAIL = r"\(Platform: (?P<platform>[^)\n]*)\)\n\(Answer in (?P<format>[^\n]*?) format\.\)"
 _OFFICIAL = re.compile(
-    r"Task: (?P<task>.*?)(?P<cont>\[Continue\]\n)?\nHistory steps: ?(?P<history>.*?)\n" + _TAIL + r"\n?",
-    re.DOTALL)
+    r"Task: (?P<task>.*?)(?P<cont>\[Continue\]\n)?\nHistory steps: ?(?P<history>.*?)\n" + _TAIL + r"\n?", re.DOTALL
+)
 _README = re.compile(
-    r"Task: (?P<task>.*?)(?P<cont>\[Continue\]\n)?\n" + _TAIL + r"\nHistory steps: ?(?P<history>.*?)\n?",
-    re.DOTALL)
+    r"Task: (?P<task>.*?)(?P<cont>\[Continue\]\n)?\n" + _TAIL + r"\nHistory steps: ?(?P<history>.*?)\n?", re.DOTALL
+)
 _STEP = re.compile(r"(?P<index>\d+)\. (?P<op>[^\t]*)\t(?P<action>.*)")
 
 
@@ -127,8 +133,14 @@ def parse_prompt(text: str) -> PromptParts:
         match = pattern.fullmatch(text)
         if match:
             history = _parse_history(match.group("history"))
-            return PromptParts(match.group("task"), match.group("platform"), match.group("format"),
-                               history, order, match.group("cont") is not None)
+            return PromptParts(
+                match.group("task"),
+                match.group("platform"),
+                match.group("format"),
+                history,
+                order,
+                match.group("cont") is not None,
+            )
     raise PromptParseError(_diagnose(text))
 
 
@@ -141,7 +153,8 @@ def _parse_history(block: str) -> tuple[HistoryStep, ...]:
             raise PromptParseError(f"history line {line!r} is not 'i. operation<TAB>action'")
         if int(match.group("index")) != expected:
             raise PromptParseError(
-                f"history step numbered {match.group('index')}, expected {expected} (steps count from 0)")
+                f"history step numbered {match.group('index')}, expected {expected} (steps count from 0)"
+            )
         steps.append(HistoryStep(match.group("op"), match.group("action")))
     return tuple(steps)
 
@@ -153,8 +166,10 @@ def _diagnose(text: str) -> str:
     for piece in ("History steps:", "(Platform: ", "(Answer in ", " format.)"):
         if piece not in text:
             return f"prompt lacks {piece!r}"
-    return ("prompt does not follow either order: 'Task, History steps, (Platform), (Answer in)' "
-            "or 'Task, (Platform), (Answer in), History steps'")
+    return (
+        "prompt does not follow either order: 'Task, History steps, (Platform), (Answer in)' "
+        "or 'Task, (Platform), (Answer in), History steps'"
+    )
 
 
 def prompt_problems(parts: PromptParts) -> list[str]:

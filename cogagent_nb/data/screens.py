@@ -17,7 +17,7 @@ Pixel boxes are `(left, top, right, bottom)` with `right`/`bottom` exclusive: a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -83,7 +83,7 @@ class Widget:
         return (left + right) // 2, (top + bottom) // 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's built-in font at `size` pixels (the bitmap font on Pillow builds without FreeType)."""
     try:
@@ -135,16 +135,24 @@ class Canvas:
         else:
             self.draw.rectangle(shape, fill=fill, outline=outline)
 
-    def text(self, xy: tuple[int, int], text: str, *, size: int = 12, fill: Colour = TEXT,
-             anchor: str = "la") -> None:
+    def text(self, xy: tuple[int, int], text: str, *, size: int = 12, fill: Colour = TEXT, anchor: str = "la") -> None:
         self.draw.text(xy, text, font=font(size), fill=fill, anchor=anchor)
 
     def text_width(self, text: str, size: int = 12) -> int:
         return int(self.draw.textlength(text, font=font(size)))
 
     # --- elements --------------------------------------------------------------------------------------
-    def icon(self, left: int, top: int, size: int, label: str, *, caption_colour: Colour = WHITE,
-             caption_size: int = 12, kind: str = "icon") -> Widget:
+    def icon(
+        self,
+        left: int,
+        top: int,
+        size: int,
+        label: str,
+        *,
+        caption_colour: Colour = WHITE,
+        caption_size: int = 12,
+        kind: str = "icon",
+    ) -> Widget:
         """An app icon: a rounded square in the app's colour with its glyph, and the name underneath.
 
         The widget's box covers the square and the caption, as a desktop selection highlight does.
@@ -167,8 +175,16 @@ class Canvas:
         self.text(centre, label, size=size, fill=_text_colour_on(fill), anchor="mm")
         return self.register("button", label, box)
 
-    def text_field(self, box: PixelBox, label: str, value: str = "", *, placeholder: str = "",
-                   focused: bool = False, size: int = 13) -> Widget:
+    def text_field(
+        self,
+        box: PixelBox,
+        label: str,
+        value: str = "",
+        *,
+        placeholder: str = "",
+        focused: bool = False,
+        size: int = 13,
+    ) -> Widget:
         """A single-line input; `label` names it (shown as a caption above the box)."""
         self.text((box[0], box[1] - size - 4), label, size=size - 1, fill=MUTED)
         self.rect(box, WHITE, outline=(37, 99, 235) if focused else BORDER, radius=4)
@@ -179,9 +195,18 @@ class Canvas:
             self.text((box[0] + 8, middle), placeholder, size=size, fill=(170, 170, 178), anchor="lm")
         return self.register("field", label, box)
 
-    def list_rows(self, box: PixelBox, items: list[str], *, row_height: int, first: int = 0,
-                  selected: str | None = None, size: int = 13, kind: str = "list_item",
-                  name: str = "list") -> Widget:
+    def list_rows(
+        self,
+        box: PixelBox,
+        items: list[str],
+        *,
+        row_height: int,
+        first: int = 0,
+        selected: str | None = None,
+        size: int = 13,
+        kind: str = "list_item",
+        name: str = "list",
+    ) -> Widget:
         """A vertical list clipped to `box`, showing `items[first:]`; each visible row is a widget.
 
         Items with a `STYLE` entry get their coloured dot; others (file names) get a grey page glyph.
@@ -232,8 +257,15 @@ class Canvas:
 def _file_colour(name: str) -> Colour:
     """File rows are coloured by extension, as file managers do."""
     extension = name.rsplit(".", 1)[-1]
-    return {"pdf": (220, 38, 38), "png": (22, 163, 74), "txt": (107, 114, 128), "csv": (13, 148, 136),
-            "docx": (37, 99, 235), "zip": (180, 83, 9), "mp3": (219, 39, 119)}.get(extension, (148, 163, 184))
+    return {
+        "pdf": (220, 38, 38),
+        "png": (22, 163, 74),
+        "txt": (107, 114, 128),
+        "csv": (13, 148, 136),
+        "docx": (37, 99, 235),
+        "zip": (180, 83, 9),
+        "mp3": (219, 39, 119),
+    }.get(extension, (148, 163, 184))
 
 
 def _glyph(draw: ImageDraw.ImageDraw, glyph: str, square: PixelBox) -> None:
@@ -244,8 +276,9 @@ def _glyph(draw: ImageDraw.ImageDraw, glyph: str, square: PixelBox) -> None:
     r = w // 4
     if glyph == "gear":
         for dx, dy in ((0, -1), (0, 1), (-1, 0), (1, 0)):
-            draw.rectangle((cx + dx * r - w // 14, cy + dy * r - w // 14, cx + dx * r + w // 14,
-                            cy + dy * r + w // 14), fill=WHITE)
+            draw.rectangle(
+                (cx + dx * r - w // 14, cy + dy * r - w // 14, cx + dx * r + w // 14, cy + dy * r + w // 14), fill=WHITE
+            )
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=WHITE)
         draw.ellipse((cx - r // 2, cy - r // 2, cx + r // 2, cy + r // 2), fill=STYLE["Settings"].colour)
     elif glyph == "globe":
@@ -257,8 +290,11 @@ def _glyph(draw: ImageDraw.ImageDraw, glyph: str, square: PixelBox) -> None:
         draw.rectangle((cx - r, cy - r + 1, cx - r // 4, cy - r // 2), fill=WHITE)
     elif glyph == "envelope":
         draw.rectangle((cx - r, cy - r * 2 // 3, cx + r, cy + r * 2 // 3), fill=WHITE)
-        draw.line((cx - r, cy - r * 2 // 3, cx, cy + r // 4, cx + r, cy - r * 2 // 3),
-                  fill=STYLE["Mail"].colour, width=max(2, w // 20))
+        draw.line(
+            (cx - r, cy - r * 2 // 3, cx, cy + r // 4, cx + r, cy - r * 2 // 3),
+            fill=STYLE["Mail"].colour,
+            width=max(2, w // 20),
+        )
     elif glyph == "note":
         draw.ellipse((cx - r, cy + r // 3, cx, cy + r), fill=WHITE)
         draw.rectangle((cx - max(2, w // 20), cy - r, cx, cy + r * 2 // 3), fill=WHITE)
@@ -317,8 +353,10 @@ def mac_dock(canvas: Canvas, apps: list[str], icon_size: int = 40) -> list[Widge
     left = (canvas.width - total) // 2
     top = canvas.height - icon_size - 26
     canvas.rect((left - 12, top - 8, left + total + 12, canvas.height - 4), (235, 235, 245), radius=14)
-    return [canvas.icon(left + i * (icon_size + gap), top, icon_size, app, caption_colour=BLACK, caption_size=10)
-            for i, app in enumerate(apps)]
+    return [
+        canvas.icon(left + i * (icon_size + gap), top, icon_size, app, caption_colour=BLACK, caption_size=10)
+        for i, app in enumerate(apps)
+    ]
 
 
 def window(canvas: Canvas, box: PixelBox, title: str, platform: str, *, menu: bool = False) -> PixelBox:
@@ -350,8 +388,9 @@ def window(canvas: Canvas, box: PixelBox, title: str, platform: str, *, menu: bo
     return left + 1, content_top + 1, right - 1, bottom - 1
 
 
-def phone(title: str | None = None, *, header_colour: Colour = (37, 99, 235),
-          back: bool = True) -> tuple[Canvas, PixelBox]:
+def phone(
+    title: str | None = None, *, header_colour: Colour = (37, 99, 235), back: bool = True
+) -> tuple[Canvas, PixelBox]:
     """A phone screen: status bar, optional app header, gesture bar; returns (canvas, content box).
 
     With `title=None` the screen is the home screen (wallpaper, no header).
@@ -369,6 +408,7 @@ def phone(title: str | None = None, *, header_colour: Colour = (37, 99, 235),
             canvas.text((18, 48), "<", size=20, fill=WHITE, anchor="mm")
         canvas.text((width // 2, 48), title, size=17, fill=_text_colour_on(header_colour), anchor="mm")
         content_top = 72
-    canvas.rect((width // 2 - 60, height - 14, width // 2 + 60, height - 9),
-                WHITE if title is None else (60, 60, 70), radius=2)
+    canvas.rect(
+        (width // 2 - 60, height - 14, width // 2 + 60, height - 9), WHITE if title is None else (60, 60, 70), radius=2
+    )
     return canvas, (0, content_top, width, height - 24)

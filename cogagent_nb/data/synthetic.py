@@ -34,15 +34,23 @@ import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 from tqdm.auto import tqdm
 
 from cogagent_nb.data import screens as gr
-from cogagent_nb.data.actions import ANSWER_FORMATS, GENERAL_TAG, PLATFORMS, SENSITIVE_TAG, Action, Answer, format_answer
+from cogagent_nb.data.actions import (
+    ANSWER_FORMATS,
+    GENERAL_TAG,
+    PLATFORMS,
+    SENSITIVE_TAG,
+    Action,
+    Answer,
+    format_answer,
+)
 from cogagent_nb.data.boxes import from_pixels
 from cogagent_nb.data.prompts import HistoryStep, build_prompt
 from cogagent_nb.data.validation import SPLITS  # the split names live with the format
@@ -56,14 +64,46 @@ PROMPT_ORDER = "official"
 APPS: tuple[str, ...] = ("Settings", "Browser", "Files", "Mail", "Music", "Photos", "Calendar", "Clock", "Maps")
 SECTIONS: tuple[str, ...] = ("General", "Network", "Display", "Sound", "Privacy", "Battery")
 DNS_SERVERS: tuple[str, ...] = ("8.8.4.4", "1.1.1.1", "9.9.9.9", "8.8.8.8", "1.0.0.1", "208.67.222.222")
-QUERIES: tuple[str, ...] = ("weather in Paris", "cheap flights", "python tutorial", "pizza near me",
-                            "train times", "news today", "currency converter", "pancake recipe")
+QUERIES: tuple[str, ...] = (
+    "weather in Paris",
+    "cheap flights",
+    "python tutorial",
+    "pizza near me",
+    "train times",
+    "news today",
+    "currency converter",
+    "pancake recipe",
+)
 FILE_NAMES: tuple[str, ...] = (
-    "agenda.docx", "backup.zip", "budget.csv", "contract.pdf", "draft.txt", "holiday.png", "invoice.pdf",
-    "logo.png", "meeting.txt", "notes.txt", "photo.png", "podcast.mp3", "report.pdf", "resume.docx",
-    "sales.csv", "song.mp3", "summary.docx", "taxes.pdf", "todo.txt", "travel.pdf")
-CONTACTS: tuple[str, ...] = ("anna@example.com", "bob@example.com", "chen@example.com", "dara@example.com",
-                             "eve@example.com", "farid@example.com")
+    "agenda.docx",
+    "backup.zip",
+    "budget.csv",
+    "contract.pdf",
+    "draft.txt",
+    "holiday.png",
+    "invoice.pdf",
+    "logo.png",
+    "meeting.txt",
+    "notes.txt",
+    "photo.png",
+    "podcast.mp3",
+    "report.pdf",
+    "resume.docx",
+    "sales.csv",
+    "song.mp3",
+    "summary.docx",
+    "taxes.pdf",
+    "todo.txt",
+    "travel.pdf",
+)
+CONTACTS: tuple[str, ...] = (
+    "anna@example.com",
+    "bob@example.com",
+    "chen@example.com",
+    "dara@example.com",
+    "eve@example.com",
+    "farid@example.com",
+)
 SENDERS: tuple[str, ...] = ("Team Lead", "Newsletter", "Bank", "Mum", "Support", "Calendar", "HR")
 DESKTOP_SIZES: tuple[tuple[int, int], ...] = ((640, 400), (800, 500), (960, 600))
 """Desktop resolutions, one per episode: the same window lands at different thousandths on each."""
@@ -116,16 +156,19 @@ class DemoDataSummary:
     image_bytes: int = 0
 
     def __str__(self) -> str:
-        splits = ", ".join(f"{s}: {self.samples.get(s, 0)} samples / {self.episodes.get(s, 0)} episodes"
-                           for s in SPLITS)
-        return "\n".join([
-            f"demo data in {self.out_dir}",
-            f"  {splits}",
-            f"  platforms: {dict(sorted(self.platforms.items()))}",
-            f"  answer formats: {dict(sorted(self.answer_formats.items()))}",
-            f"  actions: {dict(sorted(self.actions.items()))}",
-            f"  images: {sum(self.samples.values())} PNG files, {self.image_bytes / 1e6:.2f} MB",
-        ])
+        splits = ", ".join(
+            f"{s}: {self.samples.get(s, 0)} samples / {self.episodes.get(s, 0)} episodes" for s in SPLITS
+        )
+        return "\n".join(
+            [
+                f"demo data in {self.out_dir}",
+                f"  {splits}",
+                f"  platforms: {dict(sorted(self.platforms.items()))}",
+                f"  answer formats: {dict(sorted(self.answer_formats.items()))}",
+                f"  actions: {dict(sorted(self.actions.items()))}",
+                f"  images: {sum(self.samples.values())} PNG files, {self.image_bytes / 1e6:.2f} MB",
+            ]
+        )
 
 
 # --- shared screens -------------------------------------------------------------------------------------
@@ -207,8 +250,13 @@ def _phone_offset(rng: random.Random, canvas: gr.Canvas, content: gr.PixelBox) -
     if height:
         left, top, right, _ = content
         canvas.rect((left + 12, top + 10, right - 12, top + height), (241, 245, 249), radius=8)
-        canvas.text((left + 24, top + 10 + (height - 10) // 2), "Tip: swipe down to refresh", size=12,
-                    fill=gr.MUTED, anchor="lm")
+        canvas.text(
+            (left + 24, top + 10 + (height - 10) // 2),
+            "Tip: swipe down to refresh",
+            size=12,
+            fill=gr.MUTED,
+            anchor="lm",
+        )
     return height + (10 if height else 0)
 
 
@@ -265,8 +313,9 @@ def _settings_screen(
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
         if page is None:
-            canvas.list_rows((left + 12, top + 10, right - 12, top + 10 + 52 * len(sections) + 2), sections,
-                             row_height=52, size=15)
+            canvas.list_rows(
+                (left + 12, top + 10, right - 12, top + 10 + 52 * len(sections) + 2), sections, row_height=52, size=15
+            )
             return canvas
         pane = (left + 16, top + 40, right - 16, bottom)
     else:
@@ -284,8 +333,7 @@ def _settings_screen(
     pl, pt, pr, pb = pane
     canvas.text((pl, pt), "Network", size=16, fill=gr.BLACK)
     canvas.text_field((pl, pt + 50, pr, pt + 82), "IP address", "192.168.1.23")
-    canvas.text_field((pl, pt + 112, pr, pt + 144), "DNS server", dns, placeholder="e.g. 8.8.8.8",
-                      focused=focused)
+    canvas.text_field((pl, pt + 112, pr, pt + 144), "DNS server", dns, placeholder="e.g. 8.8.8.8", focused=focused)
     if saved:
         canvas.text((pl, pt + 160), "Settings saved.", size=14, fill=(22, 163, 74))
     _button_row(canvas, platform, pr, pb - (24 if platform == "Mobile" else 0), "OK", left=pl, rng=rng_layout)
@@ -308,8 +356,10 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     sections = rng.sample(SECTIONS, len(SECTIONS))
     layout_seed = rng.random()
     task = f"Open Settings, go to Network, set the DNS server to {dns}, press OK and apply."
-    plan = f"1. Open Settings. 2. Open the Network section. 3. Type {dns} into the DNS server field. " \
-           "4. Press OK. 5. Confirm with Apply."
+    plan = (
+        f"1. Open Settings. 2. Open the Network section. 3. Type {dns} into the DNS server field. "
+        "4. Press OK. 5. Confirm with Apply."
+    )
 
     def screen(**kwargs: object) -> gr.Canvas:
         return _settings_screen(
@@ -378,8 +428,11 @@ def _browser_screen(
     shift = rng_layout.randint(-margin + 8, margin - 8)  # off-centre: the box has no fixed middle
     if results:
         canvas.text_field((left + 16, top + 30, right - 16, top + 62), "Search box", query)
-        canvas.text_area((left + 16, top + 80, right - 16, min(bottom - 12, top + 260)), "results",
-                         [f"Results for '{query}'", "", "1. First result", "2. Second result", "3. Third result"])
+        canvas.text_area(
+            (left + 16, top + 80, right - 16, min(bottom - 12, top + 260)),
+            "results",
+            [f"Results for '{query}'", "", "1. First result", "2. Second result", "3. Third result"],
+        )
         return canvas
     cx = (left + right) // 2
     canvas.draw.ellipse((cx - 20, box_top - 60, cx + 20, box_top - 20), fill=gr.STYLE["Browser"].colour)
@@ -443,8 +496,11 @@ def _files_screen(
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
     if opened:
-        canvas.text_area((left + 14, top + 14, right - 14, bottom - 14), opened,
-                         [opened, "", "This file is open.", "It has 3 pages."])
+        canvas.text_area(
+            (left + 14, top + 14, right - 14, bottom - 14),
+            opened,
+            [opened, "", "This file is open.", "It has 3 pages."],
+        )
         return canvas, 0
     row_height = 44 if platform == "Mobile" else 30
     places = 0 if platform == "Mobile" else rng_layout.choice((0, 0, 90, 130, 170))
@@ -631,8 +687,9 @@ def _design(index: int, seed: int) -> tuple[str, str, str]:
     members = [r for r in range(10) if split_of(r) == split]
     k = index // 10 * len(members) + members.index(index % 10)
     rng = random.Random(seed * 31 + SPLITS.index(split))
-    kinds, platforms, formats = (rng.sample(names, len(names))
-                                 for names in (list(EPISODE_KINDS), PLATFORMS, ANSWER_FORMATS))
+    kinds, platforms, formats = (
+        rng.sample(names, len(names)) for names in (list(EPISODE_KINDS), PLATFORMS, ANSWER_FORMATS)
+    )
     return kinds[k % 4], platforms[k % 3], formats[k % 5]
 
 
@@ -649,12 +706,22 @@ def episode_samples(episode: DemoEpisode, image_names: list[str]) -> list[dict]:
     samples, history = [], []
     for step, image_name in zip(episode.steps, image_names):
         prompt = build_prompt(episode.task, episode.platform, episode.answer_format, history, order=PROMPT_ORDER)
-        answer = Answer(status=step.status, plan=episode.plan, action=step.action, operation=step.operation,
-                        sensitivity=SENSITIVE_TAG if step.sensitive else GENERAL_TAG, end=step.end)
-        samples.append({"messages": [
-            {"role": "user", "content": prompt, "image": image_name},
-            {"role": "assistant", "content": format_answer(answer, episode.answer_format)},
-        ]})
+        answer = Answer(
+            status=step.status,
+            plan=episode.plan,
+            action=step.action,
+            operation=step.operation,
+            sensitivity=SENSITIVE_TAG if step.sensitive else GENERAL_TAG,
+            end=step.end,
+        )
+        samples.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt, "image": image_name},
+                    {"role": "assistant", "content": format_answer(answer, episode.answer_format)},
+                ]
+            }
+        )
         history.append(HistoryStep(str(step.operation), step.action))
     return samples
 
@@ -711,8 +778,9 @@ def save_png(image: Image.Image, path: Path) -> int:
     return path.stat().st_size
 
 
-def make_demo_data(out_dir: str | Path, *, seed: int = 0, episodes: int = DEFAULT_EPISODES,
-                   progress: bool = True) -> DemoDataSummary:
+def make_demo_data(
+    out_dir: str | Path, *, seed: int = 0, episodes: int = DEFAULT_EPISODES, progress: bool = True
+) -> DemoDataSummary:
     """Render `episodes` episodes into `out_dir` in the official layout and return what was written.
 
     Rewrites `train.jsonl`, `dev.jsonl`, `test.jsonl` and the `images/demo_*.png` files it owns;
@@ -751,8 +819,11 @@ def _flawed_lines() -> list[tuple[str, str]]:
     """(what is wrong, the raw JSONL line) pairs; the first line is correct, each other has one mistake."""
     prompt = build_prompt("Open Settings", "WIN", "Action-Operation", ())
 
-    def line(user: dict, answer: str | None = "Action: Open Settings.\n"
-             "Grounded Operation: CLICK(box=[[40,60,120,180]], element_info='Settings')") -> str:
+    def line(
+        user: dict,
+        answer: str | None = "Action: Open Settings.\n"
+        "Grounded Operation: CLICK(box=[[40,60,120,180]], element_info='Settings')",
+    ) -> str:
         messages = [user] + ([{"role": "assistant", "content": answer}] if answer is not None else [])
         return json.dumps({"messages": messages})
 
@@ -767,8 +838,10 @@ def _flawed_lines() -> list[tuple[str, str]]:
         ("an empty assistant answer", line(user, answer="")),
         ("a box coordinate above 999", line(user, click.format("40,60,1200,180"))),
         ("a box whose left edge is right of its right edge", line(user, click.format("120,60,40,180"))),
-        ("an action name that CogAgent does not have",
-         line(user, click.replace("CLICK", "TAP").format("40,60,120,180"))),
+        (
+            "an action name that CogAgent does not have",
+            line(user, click.replace("CLICK", "TAP").format("40,60,120,180")),
+        ),
     ]
 
 

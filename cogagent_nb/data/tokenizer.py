@@ -1,7 +1,7 @@
 """`ChatGLM4Tokenizer`: the GLM-4 / CogAgent tokenizer and chat template, without remote code.
 
-What it reproduces (upstream: ``tokenization_chatglm.py`` and ``tokenizer_config.json`` of
-THUDM/glm-4v-9b and THUDM/cogagent-9b-20241220 on the Hugging Face hub):
+What it reproduces (spec: ``docs/MODEL_SPEC.md`` §5; upstream: ``tokenization_chatglm.py`` and
+``tokenizer_config.json`` of THUDM/glm-4v-9b and THUDM/cogagent-9b-20241220 on the Hugging Face hub):
 
 - ``tokenizer.model``: byte-level BPE ranks (base64 bytes + rank per line), encoded with tiktoken and
   the GLM-4 pre-tokenization regex. 151 329 ranks in the real file.

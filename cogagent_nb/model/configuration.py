@@ -13,7 +13,7 @@ that cannot describe a working model (for example `num_positions` that does not 
 fails loudly when it is built.
 
 Sources: the `config.json` files of THUDM/cogagent-9b-20241220 and THUDM/glm-4v-9b on the Hugging Face
-hub, and the GLM-4V hub code (`modeling_chatglm.py`, `visual.py`). Where a value could not be confirmed,
+hub, and the GLM-4V hub code (`modeling_chatglm.py`, `visual.py`). Summary with section numbers: `docs/MODEL_SPEC.md` §1. Where a value could not be confirmed,
 the choice is an explicit field with a documented default (`rotary_percent`, `rope_table_dtype`).
 """
 

@@ -422,6 +422,44 @@ def save_pretrained(
     return str(directory)
 
 
+def make_random_model(
+    out_dir: str | os.PathLike,
+    preset: CogAgentConfig | str = "cogagent-9b-20241220",
+    *,
+    seed: int = 0,
+    dtype: str | torch.dtype | None = "bfloat16",
+    device: str | torch.device | None = None,
+) -> str:
+    """Write a random-initialised model of any preset as an official-format directory; return it.
+
+    For running the real-size pipeline (finetune.py, benchmarks, inference) where the real checkpoint
+    cannot be downloaded. The weights are random; the tokenizer is a *stand-in*: the course's tiny BPE
+    ranks padded with filler ranks up to the preset's rank count, so that every special id sits where the
+    real `tokenizer.model` puts it (151329... on the 9B) and the model's config needs no change. Filler
+    tokens start with the byte 0xF8, which never occurs in UTF-8 text, so they are never produced. The
+    stand-in spells text like the tiny tokenizer: good for measuring speed and memory, not for meaning.
+    `device="cuda"` initialises on the GPU (seconds for the 9B instead of minutes on the CPU).
+    """
+    from cogagent_nb.data.bpe import read_tokenizer_model, write_tokenizer_model
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig
+
+    if preset == "tiny":
+        return make_tiny_model(out_dir, seed=seed)
+    config = preset if isinstance(preset, CogAgentConfig) else CogAgentConfig.from_preset(preset)
+    n_ranks = config.pad_token_id  # GLM-4 numbers the specials right after the ranks; <|endoftext|> is first
+    ranks = read_tokenizer_model(TINY_TOKENIZER_FILE)
+    if n_ranks < len(ranks):
+        raise ValueError(f"this config has {n_ranks} ranks, fewer than the tiny tokenizer's {len(ranks)}")
+    for filler in range(n_ranks - len(ranks)):
+        ranks[b"\xf8" + filler.to_bytes(3, "big")] = len(ranks)
+    directory = Path(out_dir)
+    write_tokenizer_model(directory / "tokenizer.model", ranks)
+    tokenizer = ChatGLM4Tokenizer(directory / "tokenizer.model", image_size=config.image_size)
+    model = init_model(config, seed=seed, dtype=dtype, device=device)
+    return save_pretrained(directory, model, tokenizer)
+
+
 def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> str:
     """Write a random tiny CogAgent as a complete official-format directory; return the directory.
 

@@ -2,7 +2,7 @@
 
 Upstream: the remote code of `THUDM/glm-4v-9b` (`modeling_chatglm.py`, `visual.py`), which
 `THUDM/cogagent-9b-20241220` shares, and the GLM-4 / CogAgent papers (arXiv 2406.12793, 2312.08914).
-This is a re-implementation written from `shared/reference/cogagent-9b-architecture.md`, checked
+This is a re-implementation written from the facts in `docs/MODEL_SPEC.md`, checked
 against logits of the official code (`tests/test_modeling.py`). Module names equal the keys of the
 official safetensors, so loading is a key-by-key copy; the only checkpoint key without a module,
 `transformer.rotary_pos_emb.inv_freq`, is accepted and ignored (the table is recomputed, as the hub does).
@@ -27,12 +27,15 @@ Notable features, in the order of this file:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -43,6 +46,37 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cogagent_nb.data.encoding import IGNORE_INDEX
 from cogagent_nb.model.configuration import CogAgentConfig, VisionConfig
+
+# transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; 5.17 to
+# 5.23 (what GPU images ship today) still use the old name. This is the one place that knows.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class Speedups:
+    """Switches for the memory and speed measures of docs/BENCHMARKS.md; on by default where they paid.
+
+    They change no result beyond rounding (tests/test_modeling.py and the GPU parity check of
+    benchmarks/bench_gpu.py); they exist as switches only so that a benchmark can measure each
+    one's before and after in the same run. Users leave them alone.
+
+    - supervised_loss: with `labels`, the language-model head runs only at supervised positions,
+      chunk by chunk, each chunk recomputed in backward (`supervised_lm_loss`), instead of
+      materialising (B, L, 151,552) logits and their fp32 copy.
+    - frozen_vision_no_grad: a vision tower with no trainable parameter runs under `no_grad`.
+    - expand_kv_with_mask (off): with an explicit attention mask, repeat K/V to the query heads instead
+      of passing `enable_gqa`. Older PyTorch served `enable_gqa` + a mask only with the math kernel;
+      on PyTorch 2.11 / H200 the grouped call with a padding mask ran on a fused kernel (3.5 ms and
+      0.67 GiB for 4 x 2048 tokens, forward + backward, against 3.7 ms and 0.78 GiB expanded;
+      docs/BENCHMARKS.md), so expanding does not pay there. Turn it on for an older PyTorch.
+    """
+
+    supervised_loss: bool = True
+    frozen_vision_no_grad: bool = True
+    expand_kv_with_mask: bool = False
+
+
+SPEEDUPS = Speedups()
 
 
 # ================================================================================================
@@ -156,6 +190,13 @@ class SelfAttention(nn.Module):
         if cache is not None:  # the cache holds K (after RoPE) and V with the KV heads, before expansion
             key, value = cache.update(key, value, self.layer_idx)  # (B, Hkv, T, D)
         # Query head h reads KV head h // (Hq / Hkv): the hub's expand along a new axis after the group axis.
+        grouped = self.num_heads != self.num_kv_heads
+        if grouped and attention_mask is not None and SPEEDUPS.expand_kv_with_mask:
+            # SDPA serves enable_gqa + an explicit mask only with its math kernel on CUDA (PyTorch docs,
+            # torch.nn.functional.scaled_dot_product_attention); repeated K/V reach the fused kernels.
+            groups = self.num_heads // self.num_kv_heads
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+            grouped = False
         context = F.scaled_dot_product_attention(
             query,
             key,
@@ -163,7 +204,7 @@ class SelfAttention(nn.Module):
             attn_mask=attention_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            enable_gqa=grouped,
         )  # (B, Hq, L, D)
         context = context.transpose(1, 2).reshape(batch, length, q_width)  # (B, L, Hq*D)
         return self.dense(context)  # (B, L, H)
@@ -397,6 +438,11 @@ def find_image_positions(input_ids: torch.Tensor, boi_token_id: int, eoi_token_i
     """Index of boi in each row; raise if a row has no image, several, or a broken boi/placeholder/eoi triple."""
     boi_counts = (input_ids == boi_token_id).sum(dim=1)
     eoi_counts = (input_ids == eoi_token_id).sum(dim=1)
+    boi = (input_ids == boi_token_id).int().argmax(dim=1)  # (B,)
+    eoi = (input_ids == eoi_token_id).int().argmax(dim=1)  # (B,)
+    # One host synchronisation for the whole batch; the per-row messages are built only on failure.
+    if not bool(((boi_counts != 1) | (eoi_counts != 1) | (eoi - boi != 2)).any()):
+        return boi
     for row in range(input_ids.shape[0]):
         if boi_counts[row] != 1 or eoi_counts[row] != 1:
             raise ValueError(
@@ -404,8 +450,6 @@ def find_image_positions(input_ids: torch.Tensor, boi_token_id: int, eoi_token_i
                 f"{int(eoi_counts[row])} <|end_of_image|> (id {eoi_token_id}) tokens, but each sample must carry "
                 "exactly 1 image (one boi, placeholder, eoi triple) when images are passed"
             )
-    boi = (input_ids == boi_token_id).int().argmax(dim=1)  # (B,)
-    eoi = (input_ids == eoi_token_id).int().argmax(dim=1)  # (B,)
     bad = (eoi - boi != 2).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -621,11 +665,12 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
         return_dict: bool | None = None,
         cache: Cache | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits over the spliced sequence (length L + n - 1 when images are given) and the loss.
 
-        `past_key_values` (official name) and `cache` (transformers 5 name) are the same argument;
+        `past_key_values` (official name) and `cache` (transformers >= 5.24 name) are the same argument;
         if both are given, a non-empty `cache` wins (during `generate` with PEFT prefix tuning, PEFT
         passes a fresh prefix as `past_key_values` on every step while `cache` holds the real one).
 
@@ -635,6 +680,10 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
         are expanded. A decode step extends a cache that already holds the image: its
         `attention_mask` covers cache + new tokens and `position_ids` are required (the RoPE position
         differs from the cache index after an image); `prepare_inputs_for_generation` provides both.
+
+        With `labels`, the loss is computed from the supervised positions only (`supervised_lm_loss`)
+        and `logits` is None while gradients are enabled (a training step), the full logits otherwise;
+        `return_logits=True` / `False` forces either.
         """
         config = self.config
         cache = _pick_cache(cache, past_key_values)
@@ -669,16 +718,20 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
                 attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
 
         hidden_states = self._run_decoder_stack(inputs_embeds, position_ids, attention_mask, past_length, cache)
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.transformer.output_layer(hidden_states)  # (B, L', V)
-
-        loss = None
-        if labels is not None:
+        loss, logits = None, None
+        if labels is not None and SPEEDUPS.supervised_loss:
+            loss = supervised_lm_loss(hidden_states, labels, self.transformer.output_layer)
+            if return_logits is None:  # evaluation keeps its logits; a training step does not pay for them
+                return_logits = not torch.is_grad_enabled()
+        if labels is None or not SPEEDUPS.supervised_loss or return_logits is not False:
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+            logits = self.transformer.output_layer(hidden_states)  # (B, L', V)
+        if labels is not None and loss is None:
             loss = causal_lm_loss(logits, labels)
         if not return_dict:
             return tuple(item for item in (loss, logits, cache if use_cache else None) if item is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
     def _splice_images(
         self,
@@ -706,7 +759,8 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
                 f"images holds {images.shape[0]} image(s) but input_ids has {input_ids.shape[0]} row(s); "
                 "each sample must carry exactly one image"
             )
-        features = self.transformer.vision(images.to(inputs_embeds.dtype))  # (B, n+2, H)
+        with torch.set_grad_enabled(self._vision_needs_grad(images)):
+            features = self.transformer.vision(images.to(inputs_embeds.dtype))  # (B, n+2, H)
         spliced = splice_image(
             input_ids,
             num_image_tokens=config.num_image_tokens,
@@ -719,6 +773,18 @@ class CogAgentForConditionalGeneration(CogAgentPreTrainedModel, GenerationMixin)
             labels=labels,
         )
         return spliced.inputs_embeds, spliced.position_ids, spliced.attention_mask, spliced.labels
+
+    def _vision_needs_grad(self, images: torch.Tensor) -> bool:
+        """Record the vision tower for backward only when something in it (or the image) can get a gradient.
+
+        A frozen tower (the official sft.yaml's freezeV, or LoRA on the language model only) then keeps
+        no activations and skips autograd bookkeeping for its 63 layers.
+        """
+        if not torch.is_grad_enabled():
+            return False
+        if not SPEEDUPS.frozen_vision_no_grad or images.requires_grad:
+            return True
+        return any(p.requires_grad for p in self.transformer.vision.parameters())
 
     def _run_decoder_stack(
         self,
@@ -813,7 +879,7 @@ class ImageMarkerSuppressor(LogitsProcessor):
 
 
 def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """`cache` (transformers 5) or `past_key_values` (official name): a non-empty `cache` wins, then any given one."""
+    """`cache` (transformers >= 5.24) or `past_key_values` (official name): a non-empty `cache` wins, then any given one."""
     if cache is not None and (cache.get_seq_length() > 0 or past_key_values is None):
         return cache
     return past_key_values if past_key_values is not None else cache
@@ -836,6 +902,74 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+LOSS_CHUNK_ROWS = 1024  # supervised positions per head chunk: 1024 x 151,552 fp32 logits = 0.6 GB at most
+
+
+def supervised_lm_loss(
+    hidden_states: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_rows: int = LOSS_CHUNK_ROWS
+) -> torch.Tensor:
+    """`causal_lm_loss(head(hidden_states), labels)` without the full logits.
+
+    Only positions whose next label is supervised (labels != -100; about 5% of a CogAgent sample, the
+    answer) go through the head, `chunk_rows` at a time; with gradients on, each chunk is checkpointed,
+    so backward recomputes its logits instead of keeping them. Per row the arithmetic is the same as
+    `causal_lm_loss` (head output in the model dtype, cross-entropy in fp32), so the two agree up to
+    the order of the final sum. The boolean selection costs one host synchronisation (its size).
+    """
+    if labels.shape != hidden_states.shape[:2]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match the hidden states' (batch, length) "
+            f"{tuple(hidden_states.shape[:2])}"
+        )
+    targets = labels[:, 1:].to(hidden_states.device)  # (B, L'-1): label j+1 is predicted at j
+    keep = targets != IGNORE_INDEX
+    rows = hidden_states[:, :-1][keep]  # (N, H), N supervised positions
+    targets = targets[keep]  # (N,)
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_rows):
+        piece, piece_targets = rows[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and piece.requires_grad:
+            total = total + checkpoint(_summed_cross_entropy, piece, piece_targets, head, use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(piece, piece_targets, head)
+    return total / keep.sum()  # 0 / 0 = NaN with nothing supervised, as F.cross_entropy gives
+
+
+def _summed_cross_entropy(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+def selective_checkpointing(model: nn.Module, *, vision_attention: bool = True) -> None:
+    """Activation checkpointing in both towers that keeps the vision tower's attention outputs.
+
+    Measured on an H200 (docs/BENCHMARKS.md) it does not pay for LoRA at 2048 tokens: 0.91 s and
+    30.4 GiB against 0.88 s and 29.1 GiB with plain checkpointing, because the vision attention
+    forward is only ~0.4 ms a layer there. Kept for longer images or sequences, where it grows
+    quadratically; the recipes use `activation_checkpointing_enable` (every layer, or
+    `every_n_layers=2` where memory allows).
+
+    Recomputing a checkpointed layer repeats its forward; in the vision tower the 6,401-token flash
+    attention is the dearest part to repeat per byte kept (its output is one (6401, 1792) bf16 tensor,
+    23 MB a layer, 1.4 GB for 63 layers). PyTorch's selective activation checkpointing
+    (`torch.utils.checkpoint.create_selective_checkpoint_contexts`, PyTorch >= 2.4) saves the outputs of
+    the listed ops and recomputes the rest. The language layers are checkpointed whole.
+    Works on a bare model or a PEFT wrapper (call after `get_peft_model`).
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not vision_attention:
+        return
+    saved = [
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    ]
+    context = partial(create_selective_checkpoint_contexts, saved)
+    function: Callable = partial(checkpoint, use_reentrant=False, context_fn=context)
+    for module in model.modules():
+        if isinstance(module, VisionLayer):
+            module._gradient_checkpointing_func = function
+
+
 # The official class name (config.json "architectures").
 ChatGLMForConditionalGeneration = CogAgentForConditionalGeneration
 
@@ -846,5 +980,9 @@ __all__ = [
     "splice_image",
     "build_attention_mask",
     "causal_lm_loss",
+    "supervised_lm_loss",
+    "selective_checkpointing",
+    "Speedups",
+    "SPEEDUPS",
     "ImageMarkerSuppressor",
 ]

@@ -99,15 +99,17 @@ class LossCurveCallback(TrainerCallback):
 
 
 class SaveAtEndCallback(TrainerCallback):
-    """Save a checkpoint at the last step, so every run ends with a usable (and resumable) result.
+    """Log the loss and save a checkpoint at the last step, so every run ends with a final loss and a usable
+    (and resumable) result.
 
     The official script saves only every save_steps; a run of 3000 steps with save_steps 500 ends
-    saved, but max_steps 2 (a smoke test) would otherwise leave nothing.
+    saved, but max_steps 2 (a smoke test) would otherwise leave nothing and log no loss.
     """
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps and args.save_strategy != "no":
-            control.should_save = True
+        if state.global_step >= state.max_steps:
+            control.should_log = args.logging_strategy != "no"
+            control.should_save = args.save_strategy != "no"
         return control
 
 

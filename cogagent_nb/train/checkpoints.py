@@ -72,7 +72,8 @@ def resolve_resume(resume: str | int | None, output_dir: str | Path) -> Path | N
     by_step = dict(checkpoints)
     if int(text) not in by_step:
         half = [p.name for s, p in list_checkpoints(output_dir, complete_only=False) if s == int(text)]
-        why = " (it is incomplete)" if half else ""
+        interrupted = staging_dir(output_dir, int(text)).exists()
+        why = " (it is incomplete)" if half else " (its save was interrupted)" if interrupted else ""
         raise ResumeError(
             f"RESUME={resume}: {Path(output_dir) / (PREFIX + text)} does not exist{why}; "
             f"complete checkpoints in {output_dir}: {existing}"

@@ -308,6 +308,9 @@ def _matches(value: Any, hint: Any) -> bool:
         return value is None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        enums = [a for a in typing.get_args(hint) if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # `IntervalStrategy | str` means "a value of the enum, as text"
+            return any(_matches(value, e) for e in enums)
         return any(_matches(value, arg) for arg in typing.get_args(hint))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
@@ -334,7 +337,10 @@ def _describe(hint: Any) -> str:
         return "null"
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(hint)))
+        args = typing.get_args(hint)
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = tuple(a for a in args if a is not str)
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return "one of " + ", ".join(str(m.value) for m in hint)
     return getattr(hint, "__name__", str(hint))

@@ -38,23 +38,35 @@ class FinetuneResult:
 
     output_dir: Path
     checkpoint: Path | None  # the last checkpoint written (adapter or full model, + optimizer state)
-    steps: int
+    steps: int  # the last optimizer step (global step)
+    first_step: int  # the step this run started after (0, or the resumed checkpoint's step)
     seconds: float
     final_loss: float | None
     losses: list[tuple[int, float]]  # (step, training loss) at every logging step
     eval_metrics: dict[str, float]
     test_metrics: dict[str, float]
     peft_type: str | None
+    peak_memory_gib: float | None = None  # the accelerator's peak allocated memory (torch.cuda), None on CPU
 
     def summary(self) -> str:
-        per_step = self.seconds / max(self.steps, 1)
+        ran = self.steps - self.first_step
+        per_step = self.seconds / max(ran, 1)
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
         what = {"LORA": "LoRA adapter", "PREFIX_TUNING": "prefix-tuning adapter"}.get(self.peft_type, "full model")
-        where = self.checkpoint if self.checkpoint is not None else "(nothing saved: save_strategy is no)"
-        return (
-            f"finetune: {self.steps} steps in {self.seconds:.1f} s ({per_step:.2f} s/step), "
-            f"final loss {loss}; {what} saved to {where}"
-        )
+        saved = f"{what} saved to {self.checkpoint}" if self.checkpoint else "nothing saved (save_strategy: no)"
+        steps = f"{ran} steps" if not self.first_step else f"{ran} steps ({self.first_step + 1}-{self.steps})"
+        memory = "" if self.peak_memory_gib is None else f", peak {self.peak_memory_gib:.2f} GiB allocated"
+        timing = f"{self.seconds:.1f} s ({per_step:.2f} s/step{memory})"
+        return f"finetune: {steps} in {timing}, final loss {loss}; {saved}"
+
+
+def _peak_memory_gib() -> float | None:
+    """This process' peak allocated CUDA memory (what an out-of-memory error would be about), or None."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def is_main_process() -> bool:
@@ -79,12 +91,14 @@ def build_training_args(config: FinetuneConfig, *, generation_defaults: Any = No
     from transformers import GenerationConfig, Seq2SeqTrainingArguments
 
     from cogagent_nb.train.callbacks import tensorboard_available
+    from cogagent_nb.train.distributed import prepare_distributed
 
     kwargs = dict(config.training_args)
     kwargs.setdefault("output_dir", "./output")
     kwargs.setdefault("remove_unused_columns", False)
     kwargs.setdefault("report_to", ["tensorboard"] if tensorboard_available() else "none")
     kwargs.setdefault("disable_tqdm", True)  # callbacks.ProgressCallback draws the bar
+    kwargs.setdefault("ddp_find_unused_parameters", False)  # every trainable parameter is used in each forward
     generation = kwargs.get("generation_config")
     if isinstance(generation, dict) or generation_defaults is not None:
         base = generation_defaults.to_dict() if generation_defaults is not None else {}
@@ -94,6 +108,7 @@ def build_training_args(config: FinetuneConfig, *, generation_defaults: Any = No
     deepspeed = kwargs.get("deepspeed")
     if isinstance(deepspeed, str):
         kwargs["deepspeed"] = str(resolve_relative(deepspeed, config.source))
+    kwargs = prepare_distributed(kwargs)  # process env, CPU DeepSpeed state, JIT cache (train/distributed.py)
     return Seq2SeqTrainingArguments(**kwargs)
 
 
@@ -117,7 +132,8 @@ def model_dtype(config: FinetuneConfig):
 
     if config.dtype != "auto":
         return config.dtype
-    return torch.bfloat16 if torch.cuda.is_available() else None
+    on_gpu = torch.cuda.is_available() and not config.training_args.get("use_cpu", False)
+    return torch.bfloat16 if on_gpu else None
 
 
 def build_model(model_dir: str | os.PathLike, config: FinetuneConfig, *, echo: bool = True):
@@ -182,37 +198,74 @@ def finetune(
     """
     from transformers import set_seed
 
-    from cogagent_nb.train import callbacks as cb
-    from cogagent_nb.train.checkpoints import list_checkpoints, remove_stale_staging, resolve_resume
-    from cogagent_nb.train.data import (
-        PromptCollator,
-        PromptDataset,
-        check_data,
-        split_files,
-        train_dataset,
-        training_collator,
-    )
-    from cogagent_nb.train.trainer import CogAgentTrainer, compute_gui_metrics
+    from cogagent_nb.train.checkpoints import resolve_resume
+    from cogagent_nb.train.data import check_data, split_files
 
     if not isinstance(config, FinetuneConfig):
         config = load_config(config, overrides)
     _say(format_config(config))
     files = split_files(data_dir, config.data_config)
     check_data(files, echo=is_main_process())
-    output_dir = Path(config.training_args.get("output_dir", "./output"))
-    checkpoint = resolve_resume(resume, output_dir)
+    checkpoint = resolve_resume(resume, Path(config.training_args.get("output_dir", "./output")))
     if checkpoint is not None:
         _say(f"resuming from {checkpoint}")
 
     set_seed(int(config.training_args.get("seed", 42)))  # the adapters' random init depends on it
     tokenizer, model = build_model(model_dir, config)
     args = build_training_args(config, generation_defaults=getattr(model, "generation_config", None))
-    num_image_tokens = model.config.num_image_tokens
+    datasets = build_datasets(files, tokenizer, config, model.config.num_image_tokens, args.predict_with_generate)
+    trainer = build_trainer(model, tokenizer, args, datasets, callbacks)
+
+    first_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    test_metrics: dict[str, float] = {}
+    if "test" in datasets and args.predict_with_generate:
+        from cogagent_nb.train.trainer import compute_gui_metrics
+
+        trainer.compute_metrics = compute_gui_metrics(trainer, "test")
+        test_metrics = trainer.predict(datasets["test"], metric_key_prefix="test").metrics
+        _say(f"test ({files['test'].name}): {_short(test_metrics)}")
+    result = FinetuneResult(
+        output_dir=Path(args.output_dir),
+        checkpoint=_last_checkpoint(Path(args.output_dir), first_step, trainer.state.global_step),
+        steps=trainer.state.global_step,
+        first_step=first_step,
+        seconds=seconds,
+        final_loss=trainer.step_losses[-1][1] if trainer.step_losses else None,
+        losses=list(trainer.step_losses),
+        eval_metrics=_last_eval(trainer.state.log_history),
+        test_metrics=test_metrics,
+        peft_type=config.peft_type,
+        peak_memory_gib=_peak_memory_gib(),
+    )
+    _say(result.summary())
+    return result
+
+
+def build_datasets(
+    files: dict[str, Path], tokenizer: Any, config: FinetuneConfig, num_image_tokens: int, generate: bool
+) -> dict[str, Any]:
+    """The train split as training samples; val/test as prompts to generate from (predict_with_generate)
+    or, without generation, as training samples to compute an evaluation loss on."""
+    from cogagent_nb.train.data import PromptDataset, train_dataset
+
     datasets: dict[str, Any] = {"train": train_dataset(files["train"], tokenizer, config, num_image_tokens)}
     for split in ("val", "test"):
-        if split in files:  # prompts to generate from, or (without generation) samples to compute a loss on
-            make = PromptDataset if args.predict_with_generate else train_dataset
+        if split in files:
+            make = PromptDataset if generate else train_dataset
             datasets[split] = make(files[split], tokenizer, config, num_image_tokens)
+    return datasets
+
+
+def build_trainer(model: Any, tokenizer: Any, args: Any, datasets: dict[str, Any], callbacks: Sequence[Any] = ()):
+    """CogAgentTrainer with this package's collators, GUI metrics, progress bar, loss curve and final save."""
+    from cogagent_nb.train import callbacks as cb
+    from cogagent_nb.train.checkpoints import remove_stale_staging
+    from cogagent_nb.train.data import PromptCollator, training_collator
+    from cogagent_nb.train.trainer import CogAgentTrainer, compute_gui_metrics
+
     evaluating = args.eval_strategy != "no" and "val" in datasets
     trainer = CogAgentTrainer(
         model=model,
@@ -230,30 +283,16 @@ def finetune(
         trainer.compute_metrics = compute_gui_metrics(trainer, "val")
     if trainer.is_world_process_zero():
         remove_stale_staging(args.output_dir)
+    return trainer
 
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
-    eval_metrics = _last_eval(trainer.state.log_history)
-    test_metrics: dict[str, float] = {}
-    if "test" in datasets and args.predict_with_generate:
-        trainer.compute_metrics = compute_gui_metrics(trainer, "test")
-        test_metrics = trainer.predict(datasets["test"], metric_key_prefix="test").metrics
-        _say(f"test ({files['test'].name}): {_short(test_metrics)}")
-    saved = list_checkpoints(args.output_dir)
-    result = FinetuneResult(
-        output_dir=Path(args.output_dir),
-        checkpoint=saved[-1][1] if saved else None,
-        steps=trainer.state.global_step,
-        seconds=seconds,
-        final_loss=trainer.step_losses[-1][1] if trainer.step_losses else None,
-        losses=list(trainer.step_losses),
-        eval_metrics=eval_metrics,
-        test_metrics=test_metrics,
-        peft_type=config.peft_type,
-    )
-    _say(result.summary())
-    return result
+
+def _last_checkpoint(output_dir: Path, first_step: int, last_step: int) -> Path | None:
+    """The newest complete checkpoint this run wrote (steps first_step+1 .. last_step); None if it saved none.
+    Checkpoints of other runs in the same folder (later steps, or before a resume) are not this run's."""
+    from cogagent_nb.train.checkpoints import list_checkpoints
+
+    mine = [path for step, path in list_checkpoints(output_dir) if first_step < step <= last_step]
+    return mine[-1] if mine else None
 
 
 def _use_our_progress_bar(trainer: Any) -> None:
@@ -309,15 +348,23 @@ def run_from_args(args) -> int:
         finetune(
             args.data_dir, args.model_dir, args.config_file, args.auto_resume_from_checkpoint, overrides=args.overrides
         )
-    except (ConfigError, DataCheckError, ResumeError) as err:
+    except DataCheckError as err:  # the validator's lines, as `cogagent-nb validate` prints them
+        print(err, file=sys.stderr)
+        return 2
+    except (ConfigError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py") -> int:
     import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune CogAgent (official command line).")
+    from cogagent_nb.train.distributed import consume_local_rank_argument
+
+    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune CogAgent (official command line).")
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    argv = consume_local_rank_argument(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher's
+    # intermixed: `finetune.py DATA MODEL CONFIG --set k=v yes` works too (RESUME after the options)
+    return run_from_args(parser.parse_intermixed_args(argv))

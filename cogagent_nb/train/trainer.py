@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,12 @@ class CogAgentTrainer(Seq2SeqTrainer):
         inputs = self._prepare_inputs(inputs)
         indices = inputs.pop("labels")
         generation_config = gen_kwargs.pop("generation_config", None) or self.model.generation_config
+        # ZeRO-3 / FSDP gather each layer's weights from every process: all must keep stepping until the
+        # longest answer is done (what Seq2SeqTrainer.prediction_step does too).
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        from transformers.integrations.fsdp import is_fsdp_managed_module
+
+        gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model))
         with torch.no_grad():
             generated = self.accelerator.unwrap_model(model).generate(
                 **inputs, generation_config=generation_config, **gen_kwargs
@@ -185,13 +192,12 @@ class CogAgentTrainer(Seq2SeqTrainer):
         staging_root = run_dir / f"{checkpoints.STAGING_PREFIX}{step}"
         final = run_dir / f"{checkpoints.PREFIX}{step}"
         limit = self.args.save_total_limit
-        original_get_output_dir = self._get_output_dir
         self._get_output_dir = lambda trial=None: str(staging_root)  # the stock save writes staging/checkpoint-N
         self.args.save_total_limit = None  # rotation happens after publishing, in run_dir
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._get_output_dir = original_get_output_dir
+            del self._get_output_dir  # the class's method again
             self.args.save_total_limit = limit
         checkpoints.fault_injection("save", step)
         self.accelerator.wait_for_everyone()
@@ -214,8 +220,6 @@ class CogAgentTrainer(Seq2SeqTrainer):
         best = self.state.best_model_checkpoint
         removable = [path for _, path in found if str(path) != best]
         for path in removable[: max(len(found) - limit, 0)]:
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -233,8 +237,10 @@ def compute_gui_metrics(trainer: CogAgentTrainer, split: str):
     def compute(prediction) -> dict[str, float]:
         predictions = trainer.decode_predictions(prediction.predictions)
         indices = np.asarray(prediction.label_ids).reshape(-1).tolist()
-        references = [trainer.references[split][i] for i in indices]
-        metrics = gui_metrics(predictions, references)
+        # Several processes pad the last batch by repeating samples; each sample index counts once.
+        first = {index: row for row, index in reversed(list(enumerate(indices)))}
+        references = [trainer.references[split][i] for i in first]
+        metrics = gui_metrics([predictions[row] for row in first.values()], references)
         return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
 
     return compute

@@ -1,0 +1,194 @@
+"""Process preparation, launch command lines and DeepSpeed configs, without starting a process group.
+
+The real DeepSpeed runs (2 processes over gloo) are in test_distributed_deepspeed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from cogagent_nb.train import distributed as dist
+from cogagent_nb.train import zero_memory as zm
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """prepare_distributed writes os.environ (RANK, MASTER_PORT, TORCH_EXTENSIONS_DIR ...) on purpose; put it back,
+    or later tests in this session would believe they run inside a launcher (and use a stale port)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_launch_info_reads_the_launcher_variables():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    info = dist.launch_info(env)
+    assert (info.rank, info.local_rank, info.world_size, info.master_port) == (3, 1, 4, 29500)
+    assert info.launched and info.distributed and not info.is_main
+    alone = dist.launch_info({})
+    assert (alone.rank, alone.world_size, alone.launched, alone.distributed) == (0, 1, False, False)
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        dist.launch_info({"WORLD_SIZE": "two"})
+
+
+def test_single_process_env_fills_only_what_is_missing():
+    env = {"MASTER_PORT": "12345"}
+    added = dist.single_process_env(env)
+    assert added == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert env["MASTER_PORT"] == "12345"
+    fresh: dict[str, str] = {}
+    dist.single_process_env(fresh)
+    with socket.socket() as sock:  # the chosen port is really free
+        sock.bind(("127.0.0.1", int(fresh["MASTER_PORT"])))
+
+
+def test_local_rank_argument_of_the_deepspeed_launcher_is_consumed():
+    env: dict[str, str] = {}
+    argv = ["--local_rank=1", "data", "model", "configs/sft.yaml", "yes"]
+    assert dist.consume_local_rank_argument(argv, env) == ["data", "model", "configs/sft.yaml", "yes"]
+    assert env["LOCAL_RANK"] == "1"
+    env = {"LOCAL_RANK": "0"}  # the launcher's variable wins
+    assert dist.consume_local_rank_argument(["d", "--local_rank", "5", "m"], env) == ["d", "m"]
+    assert env["LOCAL_RANK"] == "0"
+
+
+def test_jit_cache_default_and_user_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env: dict[str, str] = {}
+    assert dist.use_jit_cache(env) == tmp_path / "cogagent_nb" / "torch_extensions"
+    env = {"TORCH_EXTENSIONS_DIR": "/elsewhere"}
+    assert dist.use_jit_cache(env) == Path("/elsewhere")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_config_files_are_the_official_values_and_every_field_is_explained(stage, repo_root):
+    on_disk = json.loads((repo_root / "configs" / f"ds_zero_{stage}.json").read_text())
+    assert on_disk == dist.deepspeed_config(stage)
+    assert dist.zero_stage(on_disk) == stage
+    docs = (repo_root / "docs" / "DISTRIBUTED.md").read_text()
+    for key, _, meaning in dist.explain_deepspeed_config(on_disk):
+        assert meaning != "(not one of the official fields)", key
+        assert f"`{key}`" in docs, f"docs/DISTRIBUTED.md does not explain {key}"
+
+
+def test_unknown_fields_are_flagged_and_bad_json_names_file_and_line(tmp_path):
+    rows = dict((k, m) for k, _, m in dist.explain_deepspeed_config({"zero_optimization": {"stagee": 2}}))
+    assert rows == {"zero_optimization.stagee": "(not one of the official fields)"}
+    bad = tmp_path / "ds.json"
+    bad.write_text('{\n  "bf16": {"enabled": auto}\n}\n')
+    with pytest.raises(dist.DeepSpeedConfigError, match=r"ds.json:2: not valid JSON"):
+        dist.read_deepspeed_config(bad)
+    with pytest.raises(dist.DeepSpeedConfigError, match="not found"):
+        dist.read_deepspeed_config(tmp_path / "missing.json")
+    written = dist.write_deepspeed_config(tmp_path / "z3.json", 3)
+    assert dist.read_deepspeed_config(written) == dist.deepspeed_config(3)
+
+
+def test_prepare_distributed_on_cpu_with_deepspeed(monkeypatch, tmp_path):
+    for name in dist.LAUNCH_VARIABLES + ("TORCH_EXTENSIONS_DIR",):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(dist, "accelerator_available", lambda: False)
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "init_cpu_deepspeed_state", lambda: calls.append("state"))
+    given = {"output_dir": "out", "deepspeed": "configs/ds_zero_2.json", "accelerator_config": {"split_batches": False}}
+    args = dist.prepare_distributed(given)
+    assert args["accelerator_config"] == {"split_batches": False, "use_configured_state": True}
+    assert "use_configured_state" not in given["accelerator_config"], "the input must not be modified"
+    assert calls == ["state"]
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"]
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "cogagent_nb" / "torch_extensions")
+
+
+def test_prepare_distributed_on_gpu_changes_nothing_but_the_env(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "accelerator_available", lambda: True)
+    monkeypatch.setattr(dist, "init_cpu_deepspeed_state", lambda: pytest.fail("no CPU state on a GPU"))
+    given = {"output_dir": "out", "deepspeed": "configs/ds_zero_3.json"}
+    assert dist.prepare_distributed(given) == given
+
+
+def test_deepspeed_with_use_cpu_on_a_gpu_machine_is_an_error_that_says_what_to_set(monkeypatch):
+    monkeypatch.setattr(dist, "accelerator_available", lambda: True)
+    with pytest.raises(dist.DeepSpeedConfigError, match="--set training_args.use_cpu=false"):
+        dist.prepare_distributed({"output_dir": "out", "deepspeed": "ds.json", "use_cpu": True})
+
+
+def test_prepare_distributed_plain_ddp_on_cpu_uses_gloo(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "accelerator_available", lambda: False)
+    args = dist.prepare_distributed({"output_dir": "out"})
+    assert args["use_cpu"] is True and args["ddp_backend"] == "gloo"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.prepare_distributed({"output_dir": "out"}) == {"output_dir": "out"}
+
+
+def test_command_lines():
+    standalone = dist.torchrun_command(["d", "m", "c.yaml"], nproc_per_node=2)
+    assert standalone[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert standalone[3:] == ["--standalone", "--nnodes=1", "--nproc_per_node=2", "finetune.py", "d", "m", "c.yaml"]
+    node = dist.torchrun_command(["d"], nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400")
+    assert node[3:] == [
+        "--nnodes=2",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=10.0.0.1:29400",
+        "--node_rank=1",
+        "--nproc_per_node=8",
+        "finetune.py",
+        "d",
+    ]
+    ds = dist.deepspeed_command(["d", "m", "c.yaml"], num_gpus=8, master_port=29501)
+    assert ds[0].endswith("deepspeed") and ds[1:] == [
+        "--num_gpus=8",
+        "--master_port=29501",
+        "finetune.py",
+        "d",
+        "m",
+        "c.yaml",
+    ]
+
+
+def test_launch_streams_lines_and_reports_failure(capsys):
+    code = "import os; print('one'); print(os.environ['OMP_NUM_THREADS']); raise SystemExit(3)"
+    result = dist.launch([sys.executable, "-c", code])
+    assert result.lines == ["one", "1"] and result.returncode == 3
+    assert "one\n1\n" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="exited with 3; last lines:\none\n1"):
+        result.check()
+
+
+def test_launch_stops_a_silent_process_at_the_timeout():
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    code += "time.sleep(60)"  # a launcher with a worker, both silent
+    with pytest.raises(TimeoutError, match="ran longer than 1.5 s"):
+        dist.launch([sys.executable, "-c", code], echo=False, timeout=1.5)
+
+
+def test_zero_memory_arithmetic_of_the_paper():
+    # ZeRO paper, figure 1: 7.5 B parameters, 64 GPUs, K = 12: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB per GPU
+    psi, n = 7.5e9, 64
+    totals = [zm.zero_memory(int(psi), int(psi), stage=s, world_size=n).total / 1e9 for s in (0, 1, 2, 3)]
+    assert [round(t, 1) for t in totals] == [120.0, 31.4, 16.6, 1.9]
+    lora = zm.zero_memory(1000, 10, stage=2, world_size=2)
+    assert (lora.weights, lora.gradients, lora.optimizer) == (2000, 10, 60)
+    with pytest.raises(ValueError, match="stage must be"):
+        zm.zero_memory(10, 10, stage=4, world_size=1)
+
+
+def test_parameter_counts_of_the_9b_preset():
+    total, trainable = zm.parameter_counts()
+    assert total == trainable and 13.5e9 < total < 14.5e9  # GLM-4 9.4 B + EVA2-CLIP-E 4.5 B
+    total_lora, lora = zm.parameter_counts(lora_rank=8)
+    # 40 decoder query_key_value 4096 -> 4608 (32 query heads + 2 x 2 KV heads of 128) and 63 vision ones
+    # 1792 -> 3 x 1792, each r x (in + out)
+    assert lora == 40 * 8 * (4096 + 4608) + 63 * 8 * (1792 + 3 * 1792)
+    assert total_lora == total + lora
