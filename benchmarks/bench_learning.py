@@ -124,6 +124,7 @@ def _samples(held_out: list[dict], episodes: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    commit = _commit()  # the code this run imports, read before anything can change the tree
     torch.set_num_threads(args.threads)
     tokenizer, model, changes = build(args)
     held_out = list(g.episode_conversations(g.EVAL_SEED, 0, args.eval_episodes))
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "learning",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         "threads": args.threads,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
