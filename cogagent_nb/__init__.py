@@ -129,6 +129,13 @@ PUBLIC_API: dict[str, str] = {
     "zero_memory": "cogagent_nb.train.zero_memory",
     "zero_memory_table": "cogagent_nb.train.zero_memory",
     "plot_zero_memory": "cogagent_nb.train.zero_memory",
+    # training: the tiny grounding recipe (fresh episodes, plain loop) and its proof
+    "grounding_samples": "cogagent_nb.data.synthetic",
+    "COURSE_MINUTES": "cogagent_nb.train.grounding",
+    "EpisodeStream": "cogagent_nb.train.grounding",
+    "train_tiny": "cogagent_nb.train.grounding",
+    "grounding_report": "cogagent_nb.train.grounding",
+    "format_report": "cogagent_nb.train.grounding",
     # inference and evaluation
     "GuiScore": "cogagent_nb.infer.metrics",
     "score_answer": "cogagent_nb.infer.metrics",

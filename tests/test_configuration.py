@@ -15,9 +15,9 @@ def test_tiny_preset_matches_the_documented_architecture() -> None:
     config = CogAgentConfig.from_preset("tiny")
     assert (config.hidden_size, config.num_layers, config.num_attention_heads) == (128, 2, 4)
     assert (config.multi_query_group_num, config.kv_channels, config.ffn_hidden_size) == (2, 32, 256)
-    assert config.padded_vocab_size == 1088
-    assert config.eos_token_id == [1024, 1031, 1033]
-    assert (config.pad_token_id, config.boi_token_id, config.eoi_token_id) == (1024, 1034, 1035)
+    assert config.padded_vocab_size == 832
+    assert config.eos_token_id == [768, 775, 777]
+    assert (config.pad_token_id, config.boi_token_id, config.eoi_token_id) == (768, 778, 779)
     assert config.original_rope is False and config.layernorm_epsilon == 1e-5
     vision = config.vision_config
     assert isinstance(vision, VisionConfig)
@@ -77,7 +77,7 @@ def test_missing_vision_fields_take_the_eva2_clip_defaults() -> None:
 
 def test_unknown_vision_keys_are_kept_and_written_back(tmp_path: Path) -> None:
     config = CogAgentConfig.from_preset("tiny", vision_config={"future_key": [1, 2]})
-    assert config.vision_config.extra == {"future_key": [1, 2]}
+    assert config.vision_config.extra == {"position_embedding_std": 0.3, "future_key": [1, 2]}  # tiny key + new
     config.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())["vision_config"]
     assert written == {**config.vision_config.to_dict(), "future_key": [1, 2]}

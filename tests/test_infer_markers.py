@@ -10,7 +10,7 @@ from transformers.generation import LogitsProcessor
 from cogagent_nb.model.configuration import CogAgentConfig
 from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
-EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 1024, 1026, 1028, 1031, 1032, 1034, 1035
+EOS, GMASK, SOP, USER, ASSISTANT, BOI, EOI = 768, 770, 772, 775, 776, 778, 779
 PROMPT = [GMASK, SOP, USER, 700, BOI, EOS, EOI, *range(701, 720), ASSISTANT]
 
 

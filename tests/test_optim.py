@@ -29,7 +29,7 @@ def _train(optimizer_kind: str, steps: int, dtype: torch.dtype = torch.float32) 
     model = CogAgentForConditionalGeneration(config).to(dtype).train()
     model.transformer.vision.requires_grad_(False)  # the full-SFT recipe: freezeV
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 1000, (2, 20), generator=g)
+    ids = torch.randint(10, 700, (2, 20), generator=g)  # BPE ranks of the tiny tokenizer (768)
     ids[:, 3:6] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
     size = config.vision_config.image_size
     inputs = {"input_ids": ids, "labels": ids, "images": torch.randn(2, 3, size, size, generator=g).to(dtype)}

@@ -45,7 +45,7 @@ def config() -> CogAgentConfig:
 def batch(config: CogAgentConfig, rows: int = 2, text: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random text around one boi/placeholder/eoi triple per row; the last 6 ids supervised."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, 1000, (rows, text), generator=g)
+    ids = torch.randint(10, 700, (rows, text), generator=g)  # BPE ranks of the tiny tokenizer (768)
     ids[:, 3:6] = torch.tensor([config.boi_token_id, config.pad_token_id, config.eoi_token_id])
     labels = torch.full_like(ids, -100)
     labels[:, -6:] = ids[:, -6:]

@@ -34,6 +34,13 @@ GLM4_PAT_STR = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# The tiny tokenizer learns its merges with numbers cut into single digits, so it has no token holding
+# two digits: every coordinate is spelled digit by digit ("559" = 5 5 9, "242" = 2 4 2), the same way
+# wherever it occurs, and a tiny model learns one digit at a time instead of ~1000 number tokens split
+# at random. At encoding time the GLM-4 regex above still applies; with no multi-digit rank, its
+# 3-digit pieces fall apart into digits. (The real GLM-4 tokenizer keeps its 1-3 digit tokens.)
+TINY_PAT_STR = GLM4_PAT_STR.replace(r"\p{N}{1,3}", r"\p{N}")
+
 N_BYTE_TOKENS = 256
 # The special tokens in their official order: id = number of BPE ranks + position in this tuple.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -53,10 +60,10 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|end_of_video|>",
 )
 
-# Ranks of the course's tiny tokenizer. The demo dataset is template-generated: its text splits into
-# only ~640 distinct pre-tokenized pieces, which support ~990 merges seen at least twice (1000 rendered
-# episodes: ~1290). 1024 ranks = 256 bytes + 768 merges, all of them seen at least twice.
-TINY_N_RANKS = 1024
+# Ranks of the course's tiny tokenizer. The demo dataset is template-generated: with numbers cut into
+# digits (TINY_PAT_STR) its text splits into only ~240 distinct pre-tokenized pieces, which support ~560
+# merges seen at least twice. 768 ranks = 256 bytes + 512 merges, all of them seen at least twice.
+TINY_N_RANKS = 768
 
 
 class TokenizerFileError(ValueError):
@@ -328,7 +335,7 @@ def make_tiny_tokenizer(
     prompts, answers = conversation_texts(Path(data_dir) / "train.jsonl")
     if not prompts or not answers:
         raise BPETrainingError(f"{Path(data_dir) / 'train.jsonl'}: no user/assistant text to learn from")
-    ranks = train_bpe(prompts + answers, n_ranks, progress=True)
+    ranks = train_bpe(prompts + answers, n_ranks, pat_str=TINY_PAT_STR, progress=True)
     out_file = write_tokenizer_model(out_file, ranks)
     import tiktoken
 

@@ -322,9 +322,9 @@ MAC_MENU_HEIGHT = 22
 WIN_TASKBAR_HEIGHT = 34
 
 
-def desktop(platform: str, app_name: str = "Finder") -> Canvas:
-    """An empty desktop: Mac with its menu bar on top, Windows with its taskbar at the bottom."""
-    width, height = DESKTOP_SIZE
+def desktop(platform: str, app_name: str = "Finder", size: tuple[int, int] = DESKTOP_SIZE) -> Canvas:
+    """An empty desktop of `size` pixels: Mac with its menu bar on top, Windows with its taskbar at the bottom."""
+    width, height = size
     canvas = Canvas(width, height, WALLPAPER[platform])
     if platform == "Mac":
         canvas.rect((0, 0, width, MAC_MENU_HEIGHT), (236, 236, 240))

@@ -105,6 +105,10 @@ CONTACTS: tuple[str, ...] = (
     "farid@example.com",
 )
 SENDERS: tuple[str, ...] = ("Team Lead", "Newsletter", "Bank", "Mum", "Support", "Calendar", "HR")
+DESKTOP_SIZES: tuple[tuple[int, int], ...] = ((640, 400), (800, 500), (960, 600))
+"""Desktop resolutions, one per episode: the same window lands at different thousandths on each."""
+DISTRACTORS: tuple[str, ...] = ("Help", "Reset", "More", "Close")
+"""Grey buttons that are never a target: the model must pick the named button, not any button."""
 
 
 # --- what one step and one episode hold ------------------------------------------------------------------
@@ -118,6 +122,12 @@ class DemoStep:
     status: str  # what the screen shows (the Status field)
     sensitive: bool = False
     end: bool = False  # the task is done; the answer closes with <<END>>
+    widgets: tuple[gr.Widget, ...] = ()  # every element drawn on the screen, with its pixel box
+
+
+def _step(canvas: gr.Canvas, operation: Action, action: str, status: str, **flags: bool) -> DemoStep:
+    """A step on `canvas`, keeping the screen's widgets (what `grounding_samples` points at)."""
+    return DemoStep(canvas.image, operation, action, status, widgets=tuple(canvas.widgets.values()), **flags)
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,9 @@ def _op(name: str, canvas: gr.Canvas, widget: gr.Widget | None = None, **args: o
     return Action(name, full)
 
 
-def _home_screen(rng: random.Random, platform: str, app: str) -> tuple[gr.Canvas, Action, str, str]:
+def _home_screen(
+    rng: random.Random, platform: str, app: str, size: tuple[int, int] = gr.DESKTOP_SIZE
+) -> tuple[gr.Canvas, Action, str, str]:
     """The start screen holding `app` among a few others; returns (canvas, open-app op, action, status).
 
     Mac: apps in the dock (CLICK). Windows: icons on the desktop grid (DOUBLE_CLICK, as on Windows).
@@ -183,13 +195,14 @@ def _home_screen(rng: random.Random, platform: str, app: str) -> tuple[gr.Canvas
     apps = rng.sample(others, rng.randint(3, 5)) + [app]
     rng.shuffle(apps)
     if platform == "Mac":
-        canvas = gr.desktop("Mac")
+        canvas = gr.desktop("Mac", size=size)
         gr.mac_dock(canvas, apps, icon_size=50)
         where, verb, name = "in the dock", "Click", "CLICK"
         status = "The Mac desktop is empty; the dock at the bottom shows the apps."
     elif platform == "WIN":
-        canvas = gr.desktop("WIN")
-        cells = rng.sample(list(itertools.product(range(6), range(3))), len(apps))
+        canvas = gr.desktop("WIN", size=size)
+        columns, rows = (size[0] - 24) // 100, (size[1] - gr.WIN_TASKBAR_HEIGHT - 20) // 110
+        cells = rng.sample(list(itertools.product(range(columns), range(rows))), len(apps))
         for a, (col, row) in zip(apps, cells):
             canvas.icon(24 + col * 100, 20 + row * 110, 48, a)
         where, verb, name = "on the desktop", "Double-click", "DOUBLE_CLICK"
@@ -205,15 +218,23 @@ def _home_screen(rng: random.Random, platform: str, app: str) -> tuple[gr.Canvas
     return canvas, op, f"{verb} the '{app}' icon {where} to open {app}.", status
 
 
-def _app_frame(rng: random.Random, platform: str, title: str, app: str) -> tuple[gr.Canvas, gr.PixelBox]:
-    """An open app: a window at a random place on a desktop, or a full phone screen with a header.
+def _desktop_size(rng: random.Random, platform: str) -> tuple[int, int]:
+    """The episode's screen resolution: one of `DESKTOP_SIZES` on desktops, the phone's size on phones."""
+    return gr.PHONE_SIZE if platform == "Mobile" else rng.choice(DESKTOP_SIZES)
 
-    The random window geometry is what moves every target around the desktop screenshots.
+
+def _app_frame(
+    rng: random.Random, platform: str, title: str, app: str, size: tuple[int, int] = gr.DESKTOP_SIZE
+) -> tuple[gr.Canvas, gr.PixelBox]:
+    """An open app: a window at a random place on a desktop of `size`, or a full phone screen with a header.
+
+    The random window geometry on screens of several sizes is what moves every target around the
+    desktop screenshots, far more than the targets' own size (see `_phone_offset` for phones).
     """
     if platform == "Mobile":
         canvas, content = gr.phone(title, header_colour=gr.STYLE[app].colour)
         return canvas, content
-    canvas = gr.desktop(platform, app_name=app)
+    canvas = gr.desktop(platform, app_name=app, size=size)
     width, height = rng.randint(440, 560), rng.randint(280, 330)
     top_min = gr.MAC_MENU_HEIGHT + 6 if platform == "Mac" else 6
     bottom_max = canvas.height - (8 if platform == "Mac" else gr.WIN_TASKBAR_HEIGHT + 6)
@@ -225,7 +246,7 @@ def _app_frame(rng: random.Random, platform: str, title: str, app: str) -> tuple
 
 def _phone_offset(rng: random.Random, canvas: gr.Canvas, content: gr.PixelBox) -> int:
     """On phones, a tip card of random height above the content shifts targets vertically."""
-    height = rng.choice((0, 40, 70, 100))
+    height = rng.choice((0, 40, 60, 80, 100, 120, 140, 160, 180))
     if height:
         left, top, right, _ = content
         canvas.rect((left + 12, top + 10, right - 12, top + height), (241, 245, 249), radius=8)
@@ -248,10 +269,22 @@ def _button_row(
     secondary: str = "Cancel",
     width: int = 90,
     height: int = 34,
+    *,
+    left: int | None = None,
+    rng: random.Random | None = None,
 ) -> None:
-    """A primary/secondary button pair; Windows puts the primary first, Mac and phones last."""
-    order = (primary, secondary) if platform == "WIN" else (secondary, primary)
-    x = right - 2 * width - 10
+    """A primary/secondary button pair; Windows puts the primary first, Mac and phones last.
+
+    With `rng` (and the row's `left` limit) the pair may sit at the left instead of the right, and a
+    grey distractor button (`DISTRACTORS`) may join it, so the primary button has no fixed place.
+    """
+    order = [primary, secondary] if platform == "WIN" else [secondary, primary]
+    if rng is not None and rng.random() < 0.5:
+        order.insert(rng.randrange(len(order) + 1), rng.choice(DISTRACTORS))
+    total = len(order) * width + (len(order) - 1) * 10
+    x = right - total
+    if rng is not None and left is not None and rng.random() < 0.4:
+        x = left
     for label in order:
         canvas.button((x, bottom - height, x + width, bottom), label)
         x += width + 10
@@ -267,14 +300,16 @@ def _settings_screen(
     focused: bool = False,
     saved: bool = False,
     dialog: bool = False,
+    size: tuple[int, int] = gr.DESKTOP_SIZE,
 ) -> gr.Canvas:
     """The Settings app: section list (desktop: a sidebar; phone: the first page) and the Network page.
 
     `rng_layout` is re-seeded by the caller for each screen of one episode, so that the window stays in
     place while its content changes, as it would on a real screen.
     """
-    canvas, content = _app_frame(rng_layout, platform, "Settings" if page is None else page, "Settings")
+    canvas, content = _app_frame(rng_layout, platform, "Settings" if page is None else page, "Settings", size)
     left, top, right, bottom = content
+    sidebar_right = rng_layout.random() < 0.5  # two layouts: the section list left or right of the page
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
         if page is None:
@@ -284,8 +319,13 @@ def _settings_screen(
             return canvas
         pane = (left + 16, top + 40, right - 16, bottom)
     else:
-        canvas.list_rows((left + 8, top + 8, left + 158, bottom - 8), sections, row_height=34, selected=page)
-        pane = (left + 172, top + 14, right - 14, bottom - 12)
+        list_left = right - 158 if sidebar_right else left + 8
+        canvas.list_rows((list_left, top + 8, list_left + 150, bottom - 8), sections, row_height=34, selected=page)
+        pane = (
+            (left + 14, top + 14, right - 172, bottom - 12)
+            if sidebar_right
+            else (left + 172, top + 14, right - 14, bottom - 12)
+        )
         if page is None:
             canvas.text((pane[0], pane[1] + 6), "General", size=16, fill=gr.BLACK)
             canvas.text((pane[0], pane[1] + 36), "Choose a section on the left.", size=12, fill=gr.MUTED)
@@ -296,10 +336,11 @@ def _settings_screen(
     canvas.text_field((pl, pt + 112, pr, pt + 144), "DNS server", dns, placeholder="e.g. 8.8.8.8", focused=focused)
     if saved:
         canvas.text((pl, pt + 160), "Settings saved.", size=14, fill=(22, 163, 74))
-    _button_row(canvas, platform, pr, pb - (24 if platform == "Mobile" else 0), "OK")
-    if dialog:
-        cx, cy = (content[0] + content[2]) // 2, (content[1] + content[3]) // 2  # centred on the window
+    _button_row(canvas, platform, pr, pb - (24 if platform == "Mobile" else 0), "OK", left=pl, rng=rng_layout)
+    if dialog:  # somewhere over the window, not always at its centre
         half = min(170, canvas.width // 2 - 12)
+        cx = rng_layout.randint(max(half + 8, content[0] + 40), min(canvas.width - half - 12, content[2] - 40))
+        cy = rng_layout.randint(content[1] + 75, max(content[1] + 75, content[3] - 75))
         canvas.dialog(
             (cx - half, cy - 70, cx + half, cy + 70),
             "Apply changes?",
@@ -310,6 +351,7 @@ def _settings_screen(
 
 
 def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[DemoStep]]:
+    size = _desktop_size(rng, platform)
     dns = rng.choice(DNS_SERVERS)
     sections = rng.sample(SECTIONS, len(SECTIONS))
     layout_seed = rng.random()
@@ -320,14 +362,20 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     )
 
     def screen(**kwargs: object) -> gr.Canvas:
-        return _settings_screen(random.Random(layout_seed), platform, sections, **kwargs)  # type: ignore[arg-type]
+        return _settings_screen(
+            random.Random(layout_seed),
+            platform,
+            sections,
+            size=size,  # type: ignore[arg-type]
+            **kwargs,
+        )
 
-    home, open_op, open_text, home_status = _home_screen(rng, platform, "Settings")
-    steps = [DemoStep(home.image, open_op, open_text, home_status)]
+    home, open_op, open_text, home_status = _home_screen(rng, platform, "Settings", size)
+    steps = [_step(home, open_op, open_text, home_status)]
     s = screen(page=None, dns="")
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("CLICK", s, s["Network"]),
             f"{_click(platform)} 'Network' in the list of sections.",
             "Settings is open and lists its sections.",
@@ -335,8 +383,8 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     )
     s = screen(page="Network", dns="")
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("TYPE", s, s["DNS server"], text=dns),
             f"Type {dns} into the 'DNS server' field.",
             "The Network page is open; the DNS server field is empty.",
@@ -344,8 +392,8 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     )
     s = screen(page="Network", dns=dns, focused=True)
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("CLICK", s, s["OK"]),
             f"{_click(platform)} the 'OK' button to save the setting.",
             f"The DNS server field now reads {dns}.",
@@ -353,8 +401,8 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
     )
     s = screen(page="Network", dns=dns, focused=True, dialog=True)
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("CLICK", s, s["Apply"]),
             f"{_click(platform)} 'Apply' in the dialog to confirm.",
             "A dialog asks whether to apply the changes.",
@@ -367,14 +415,17 @@ def _episode_network(rng: random.Random, platform: str) -> tuple[str, str, list[
 
 
 # --- task 2: Browser search -------------------------------------------------------------------------------
-def _browser_screen(rng_layout: random.Random, platform: str, query: str, results: bool = False) -> gr.Canvas:
-    """A browser start page with a big search box (placed at random), or the results page."""
-    canvas, content = _app_frame(rng_layout, platform, "Browser", "Browser")
+def _browser_screen(
+    rng_layout: random.Random, platform: str, query: str, results: bool = False, size: tuple[int, int] = gr.DESKTOP_SIZE
+) -> gr.Canvas:
+    """A browser start page with a search box (placed and sized at random), or the results page."""
+    canvas, content = _app_frame(rng_layout, platform, "Browser", "Browser", size)
     left, top, right, bottom = content
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
     box_top = top + rng_layout.randint(70, max(80, (bottom - top) // 2 - 20))
-    margin = 20 if platform == "Mobile" else rng_layout.randint(30, 70)
+    margin = rng_layout.randint(16, 60) if platform == "Mobile" else rng_layout.randint(30, 110)
+    shift = rng_layout.randint(-margin + 8, margin - 8)  # off-centre: the box has no fixed middle
     if results:
         canvas.text_field((left + 16, top + 30, right - 16, top + 62), "Search box", query)
         canvas.text_area(
@@ -386,7 +437,7 @@ def _browser_screen(rng_layout: random.Random, platform: str, query: str, result
     cx = (left + right) // 2
     canvas.draw.ellipse((cx - 20, box_top - 60, cx + 20, box_top - 20), fill=gr.STYLE["Browser"].colour)
     canvas.text_field(
-        (left + margin, box_top, right - margin, box_top + 38),
+        (left + margin + shift, box_top, right - margin + shift, box_top + 38),
         "Search box",
         query,
         placeholder="Search the web",
@@ -397,20 +448,21 @@ def _browser_screen(rng_layout: random.Random, platform: str, query: str, result
 
 
 def _episode_search(rng: random.Random, platform: str) -> tuple[str, str, list[DemoStep]]:
+    size = _desktop_size(rng, platform)
     query = rng.choice(QUERIES)
     layout_seed = rng.random()
     task = f"Open Browser, search for '{query}' and press Enter."
     plan = f"1. Open Browser. 2. Type '{query}' into the search box. 3. Press Enter."
 
     def screen(**kwargs: object) -> gr.Canvas:
-        return _browser_screen(random.Random(layout_seed), platform, **kwargs)  # type: ignore[arg-type]
+        return _browser_screen(random.Random(layout_seed), platform, size=size, **kwargs)  # type: ignore[arg-type]
 
-    home, open_op, open_text, home_status = _home_screen(rng, platform, "Browser")
-    steps = [DemoStep(home.image, open_op, open_text, home_status)]
+    home, open_op, open_text, home_status = _home_screen(rng, platform, "Browser", size)
+    steps = [_step(home, open_op, open_text, home_status)]
     s = screen(query="")
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("TYPE", s, s["Search box"], text=query),
             f"Type '{query}' into the search box.",
             "The browser shows its start page.",
@@ -418,9 +470,7 @@ def _episode_search(rng: random.Random, platform: str) -> tuple[str, str, list[D
     )
     s = screen(query=query)
     steps.append(
-        DemoStep(
-            s.image, Action("KEY_PRESS", {"key": "Enter"}), "Press Enter to search.", f"The search box holds '{query}'."
-        )
+        _step(s, Action("KEY_PRESS", {"key": "Enter"}), "Press Enter to search.", f"The search box holds '{query}'.")
     )
     s = screen(query=query, results=True)
     steps.append(_end_step(s, f"The results for '{query}' are shown."))
@@ -429,10 +479,19 @@ def _episode_search(rng: random.Random, platform: str) -> tuple[str, str, list[D
 
 # --- task 3: Files, scroll and open -----------------------------------------------------------------------
 def _files_screen(
-    rng_layout: random.Random, platform: str, files: list[str], first: int, opened: str | None = None
+    rng_layout: random.Random,
+    platform: str,
+    files: list[str],
+    first: int,
+    opened: str | None = None,
+    size: tuple[int, int] = gr.DESKTOP_SIZE,
 ) -> tuple[gr.Canvas, int]:
-    """The file manager's list starting at row `first`, or the viewer of `opened`; returns (canvas, rows)."""
-    canvas, content = _app_frame(rng_layout, platform, opened or "Files", "Files")
+    """The file manager's list starting at row `first`, or the viewer of `opened`; returns (canvas, rows).
+
+    On desktops a "Places" sidebar of random width (or none) sits left of the list, so rows start at
+    different x positions.
+    """
+    canvas, content = _app_frame(rng_layout, platform, opened or "Files", "Files", size)
     left, top, right, bottom = content
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
@@ -444,7 +503,12 @@ def _files_screen(
         )
         return canvas, 0
     row_height = 44 if platform == "Mobile" else 30
-    list_box = (left + 10, top + 10, right - 10, bottom - 10)
+    places = 0 if platform == "Mobile" else rng_layout.choice((0, 0, 90, 130, 170))
+    if places:
+        canvas.rect((left + 1, top + 1, left + places, bottom - 1), gr.PANEL)
+        for i, place in enumerate(("Home", "Desktop", "Documents", "Downloads")):
+            canvas.text((left + 12, top + 18 + 26 * i), place, size=12, fill=gr.MUTED)
+    list_box = (left + places + 10, top + 10, right - 10, bottom - 10)
     canvas.list_rows(
         list_box, files, row_height=row_height, first=first, size=14 if platform == "Mobile" else 13, name="file list"
     )
@@ -453,9 +517,10 @@ def _files_screen(
 
 
 def _episode_files(rng: random.Random, platform: str) -> tuple[str, str, list[DemoStep]]:
+    size = _desktop_size(rng, platform)
     files = sorted(rng.sample(FILE_NAMES, 14))
     layout_seed = rng.random()
-    _, rows = _files_screen(random.Random(layout_seed), platform, files, 0)
+    _, rows = _files_screen(random.Random(layout_seed), platform, files, 0, size=size)
     scroll = min(rows, len(files) - rows)  # rows that move up: one page, or what is left
     target = files[rng.randrange(rows, rows + scroll)]  # hidden at first, visible after the scroll
     verb, name = ("Double-click", "DOUBLE_CLICK") if platform == "WIN" else (_click(platform), "CLICK")
@@ -463,14 +528,14 @@ def _episode_files(rng: random.Random, platform: str) -> tuple[str, str, list[De
     plan = f"1. Open Files. 2. Scroll the list down. 3. Open '{target}'."
 
     def screen(first: int, opened: str | None = None) -> gr.Canvas:
-        return _files_screen(random.Random(layout_seed), platform, files, first, opened)[0]
+        return _files_screen(random.Random(layout_seed), platform, files, first, opened, size)[0]
 
-    home, open_op, open_text, home_status = _home_screen(rng, platform, "Files")
-    steps = [DemoStep(home.image, open_op, open_text, home_status)]
+    home, open_op, open_text, home_status = _home_screen(rng, platform, "Files", size)
+    steps = [_step(home, open_op, open_text, home_status)]
     s = screen(0)
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("SCROLL_DOWN", s, s["file list"], step_count=scroll),
             f"Scroll down the file list to find '{target}'.",
             f"Files lists {rows} files; '{target}' is not visible yet.",
@@ -478,8 +543,8 @@ def _episode_files(rng: random.Random, platform: str) -> tuple[str, str, list[De
     )
     s = screen(scroll)
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op(name, s, s[target]),
             f"{verb} '{target}' to open it.",
             f"The list has scrolled; '{target}' is visible.",
@@ -491,25 +556,42 @@ def _episode_files(rng: random.Random, platform: str) -> tuple[str, str, list[De
 
 
 # --- task 4: Mail, compose and send -----------------------------------------------------------------------
-def _mail_screen(rng_layout: random.Random, platform: str, senders: list[str], stage: str, to: str = "") -> gr.Canvas:
+def _mail_screen(
+    rng_layout: random.Random,
+    platform: str,
+    senders: list[str],
+    stage: str,
+    to: str = "",
+    size: tuple[int, int] = gr.DESKTOP_SIZE,
+) -> gr.Canvas:
     """Mail's inbox (stage 'inbox' / 'sent') or its compose form ('compose')."""
-    canvas, content = _app_frame(rng_layout, platform, "New Message" if stage == "compose" else "Mail", "Mail")
+    canvas, content = _app_frame(rng_layout, platform, "New Message" if stage == "compose" else "Mail", "Mail", size)
     left, top, right, bottom = content
     if platform == "Mobile":
         top += _phone_offset(rng_layout, canvas, content)
     compose_right = rng_layout.random() < 0.5
     if stage == "compose":
+        field_right = right - 16 - rng_layout.choice((0, 0, 60, 120))  # forms of several widths
         canvas.text_field(
-            (left + 16, top + 34, right - 16, top + 66), "To", to, placeholder="name@example.com", focused=bool(to)
+            (left + 16, top + 34, field_right, top + 66), "To", to, placeholder="name@example.com", focused=bool(to)
         )
-        canvas.text_field((left + 16, top + 96, right - 16, top + 128), "Subject", "Hello")
-        _button_row(canvas, platform, right - 16, bottom - (24 if platform == "Mobile" else 12), "Send")
+        canvas.text_field((left + 16, top + 96, field_right, top + 128), "Subject", "Hello")
+        _button_row(
+            canvas,
+            platform,
+            right - 16,
+            bottom - (24 if platform == "Mobile" else 12),
+            "Send",
+            left=left + 16,
+            rng=rng_layout,
+        )
         return canvas
     if platform == "Mobile":
         canvas.list_rows(
             (left + 10, top + 10, right - 10, top + 10 + 50 * len(senders) + 2), senders, row_height=50, kind="message"
         )
-        canvas.button((right - 140, bottom - 60, right - 20, bottom - 16), "Compose", size=15)
+        compose_left = right - 140 if compose_right else left + 20
+        canvas.button((compose_left, bottom - 60, compose_left + 120, bottom - 16), "Compose", size=15)
     else:
         button_left = right - 126 if compose_right else left + 12
         canvas.button((button_left, top + 10, button_left + 114, top + 44), "Compose")
@@ -521,6 +603,7 @@ def _mail_screen(rng_layout: random.Random, platform: str, senders: list[str], s
 
 
 def _episode_mail(rng: random.Random, platform: str) -> tuple[str, str, list[DemoStep]]:
+    size = _desktop_size(rng, platform)
     to = rng.choice(CONTACTS)
     senders = rng.sample(SENDERS, 5)
     layout_seed = rng.random()
@@ -528,14 +611,14 @@ def _episode_mail(rng: random.Random, platform: str) -> tuple[str, str, list[Dem
     plan = f"1. Open Mail. 2. Click Compose. 3. Type {to} into the To field. 4. Click Send."
 
     def screen(stage: str, to_value: str = "") -> gr.Canvas:
-        return _mail_screen(random.Random(layout_seed), platform, senders, stage, to_value)
+        return _mail_screen(random.Random(layout_seed), platform, senders, stage, to_value, size)
 
-    home, open_op, open_text, home_status = _home_screen(rng, platform, "Mail")
-    steps = [DemoStep(home.image, open_op, open_text, home_status)]
+    home, open_op, open_text, home_status = _home_screen(rng, platform, "Mail", size)
+    steps = [_step(home, open_op, open_text, home_status)]
     s = screen("inbox")
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("CLICK", s, s["Compose"]),
             f"{_click(platform)} 'Compose' to start a new message.",
             "Mail shows the inbox.",
@@ -543,8 +626,8 @@ def _episode_mail(rng: random.Random, platform: str) -> tuple[str, str, list[Dem
     )
     s = screen("compose")
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("TYPE", s, s["To"], text=to),
             f"Type {to} into the 'To' field.",
             "A new message form is open; the To field is empty.",
@@ -552,8 +635,8 @@ def _episode_mail(rng: random.Random, platform: str) -> tuple[str, str, list[Dem
     )
     s = screen("compose", to)
     steps.append(
-        DemoStep(
-            s.image,
+        _step(
+            s,
             _op("CLICK", s, s["Send"]),
             f"{_click(platform)} 'Send' to send the message.",
             f"The To field holds {to}.",
@@ -571,7 +654,7 @@ def _click(platform: str) -> str:
 
 
 def _end_step(canvas: gr.Canvas, status: str) -> DemoStep:
-    return DemoStep(canvas.image, Action("END", {}), "The task is complete.", status, end=True)
+    return _step(canvas, Action("END", {}), "The task is complete.", status, end=True)
 
 
 EPISODE_KINDS: dict[str, Callable[[random.Random, str], tuple[str, str, list[DemoStep]]]] = {
@@ -640,6 +723,42 @@ def episode_samples(episode: DemoEpisode, image_names: list[str]) -> list[dict]:
             }
         )
         history.append(HistoryStep(str(step.operation), step.action))
+    return samples
+
+
+POINTABLE_KINDS: tuple[str, ...] = ("icon", "button", "field", "list_item")
+"""Widget kinds `grounding_samples` may point at (only those with a fixed look or a caption)."""
+
+
+def grounding_samples(episode: DemoEpisode, rng: random.Random, per_step: int = 2) -> list[dict]:
+    """Single-step "click X" conversations on the episode's screens, X any drawn element with a fixed look.
+
+    A grounding curriculum in the agent's own format (Action-Operation, empty history), the way the real
+    CogAgent was pretrained on GUI grounding before agent data (Hong et al. 2024, arXiv:2312.08914, §2.3):
+    an episode step teaches one box per screenshot, these teach `per_step` more on the same screenshot,
+    buttons and icons that are *not* the step's target included, so a model learns where every labelled
+    element is rather than where a step's target usually sits. Images are the steps' PIL images.
+    """
+    samples = []
+    for step in episode.steps:
+        width, height = step.image.size
+        candidates = [
+            w for w in step.widgets if w.kind in POINTABLE_KINDS and (w.label in gr.STYLE or w.kind == "field")
+        ]
+        for widget in rng.sample(candidates, min(per_step, len(candidates))):
+            verb = "Type into" if widget.kind == "field" else _click(episode.platform)
+            task = f"{verb} '{widget.label}'."
+            operation = Action("CLICK", {"box": from_pixels(widget.box, width, height), "element_info": widget.label})
+            prompt = build_prompt(task, episode.platform, "Action-Operation", (), order=PROMPT_ORDER)
+            answer = Answer(action=f"{verb} the '{widget.label}' element.", operation=operation)
+            samples.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": prompt, "image": step.image},
+                        {"role": "assistant", "content": format_answer(answer, "Action-Operation")},
+                    ]
+                }
+            )
     return samples
 
 

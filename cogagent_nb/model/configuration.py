@@ -327,6 +327,27 @@ class CogAgentConfig(PretrainedConfig):
         return cls(**fields)
 
 
+TINY_VISION = EVA2_CLIP_E.merged(
+    {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "intermediate_size": 128,
+        "image_size": 224,
+        "scaling_factor": 0.125,
+        "position_embedding_std": 0.3,
+    }
+)
+"""The tiny vision tower. Two values differ from the 9B on purpose (issue 10, docs/BENCHMARKS.md):
+
+- `scaling_factor` 0.125 instead of 8: the official division by 8 suits trained 9B weights; on a random
+  tiny model it made the image vectors entering the language model ~50x smaller than the text
+  embeddings (norm 0.005 against 0.23). With 0.125 they start at norm ~0.3, the text's scale.
+- `position_embedding_std` 0.3 (a project key, kept in `extra`, read only by `_init_weights`): patch
+  positions start as large as patch contents, so a vector says *where* as clearly as *what*.
+"""
+
+
 def vocabulary_fields(n_ranks: int, *, multiple: int = 64) -> dict[str, Any]:
     """Config fields that tie a model to a tokenizer with `n_ranks` BPE ranks.
 
@@ -361,8 +382,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "source": "this project: the 9B architecture at CPU size (GQA 4:2, half-rotary RoPE, post-norm "
-        "EVA2-CLIP, 2x2 conv, GLU adapter, boi/eoi); vocabulary of the tiny tokenizer (1024 ranks + "
-        "14 specials at 1024-1037, padded to 1088)",
+        "EVA2-CLIP, 2x2 conv, GLU adapter, boi/eoi); vocabulary of the tiny tokenizer (768 ranks, digits as "
+        "single tokens, + 14 specials at 768-781, padded to 832); image scale and position init for "
+        "training from scratch (TINY_VISION)",
         "fields": {
             "architectures": ["ChatGLMForConditionalGeneration"],
             "num_layers": 2,
@@ -376,9 +398,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "layernorm_epsilon": 1e-05,
             **vocabulary_fields(TINY_N_RANKS),
             "torch_dtype": "float32",
-            "vision_config": EVA2_CLIP_E.merged(
-                {"num_hidden_layers": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128, "image_size": 224}
-            ),
+            "vision_config": TINY_VISION,
         },
     },
 }

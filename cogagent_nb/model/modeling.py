@@ -609,6 +609,15 @@ class CogAgentPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, PatchEmbedding):
             init.normal_(module.cls_embedding, mean=0.0, std=std)
+            # Optional, tiny preset only: a larger spread for the patch positions, so that where a patch
+            # lies is as visible in its vector as what it shows. The nn.Embedding branch has already drawn
+            # them (children are initialised first); rescaling draws nothing, so every other weight keeps
+            # its draws. Weights read from a checkpoint are marked and left alone. The 9B has no such key.
+            position_std = self.config.vision_config.extra.get("position_embedding_std")
+            weight = module.position_embedding.weight
+            if position_std is not None and not getattr(weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    weight.mul_(position_std / std)
         elif isinstance(module, EVA2CLIPModel):
             init.normal_(module.boi, mean=0.0, std=std)
             init.normal_(module.eoi, mean=0.0, std=std)

@@ -1,0 +1,376 @@
+"""A plain, fast recipe that teaches the tiny CogAgent to ground: fresh synthetic episodes, full fine-tuning.
+
+Why a recipe of its own: on a 2-core CPU the course can afford a few minutes of training, and a tiny
+random model that sees the same ~360 committed samples over and over memorises their answers instead of
+learning to read the screen (issue 10, "Proof that it teaches"). Rendering is cheap, so every training
+sample here comes from a *fresh* episode (`synthetic.make_episode` with a training seed), never repeated:
+the only way to lower the loss on the box is to look at the screenshot.
+
+The pieces:
+- `episode_stream`: an endless `IterableDataset` of encoded samples from fresh episodes;
+- `train_tiny`: a plain AdamW loop with a time budget (the nanoGPT `train.py` shape), full fine-tuning;
+- `generate_answers`: greedy answers for a list of conversations, left-padded batches;
+- `grounding_baselines`: what a model that ignores the image could score (most common box, text-only).
+
+Seeds: the committed demo set uses seed 0; training streams use `TRAIN_SEED`, the benchmark's held-out
+screens `EVAL_SEED`, which nothing in the course trains on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cogagent_nb.data.actions import Action, parse_answer
+from cogagent_nb.data.encoding import EncodedSample, TrainingCollator, encode_conversation
+from cogagent_nb.data.synthetic import episode_samples, grounding_samples, make_episode
+
+COURSE_MINUTES: dict[str, float] = {"notebook": 3.0, "full": 10.0}
+"""CPU minutes of `train_tiny` for the course: the notebook default, and the `-p train_minutes 10` run
+whose figures docs/BENCHMARKS.md records (`benchmarks/bench_learning.py --minutes 10`)."""
+
+TRAIN_SEED = 1
+"""Seed of the training stream's episodes (the committed demo set is seed 0)."""
+EVAL_SEED = 1_000
+"""Seed of the held-out episodes the benchmark scores on; never trained on."""
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+def episode_conversations(
+    seed: int, start: int, count: int, *, grounding_per_step: int = 0, steps: bool = True
+) -> Iterator[dict[str, Any]]:
+    """Conversations (images as PIL images) of episodes `start ... start + count - 1` for `seed`.
+
+    Each episode's steps come first (unless `steps` is False), then `grounding_per_step` "click X" samples per screen
+    (`synthetic.grounding_samples`); every conversation carries its episode's `platform`.
+    """
+    for index in range(start, start + count):
+        episode = make_episode(index, seed=seed)
+        names = [f"episode {index} step {step}" for step in range(len(episode.steps))]
+        for step, sample in zip(episode.steps, episode_samples(episode, names) if steps else ()):
+            user, answer = sample["messages"]
+            yield {"messages": [{**user, "image": step.image}, answer], "platform": episode.platform}
+        if grounding_per_step:
+            rng = random.Random(seed * 7_919 + index)
+            for sample in grounding_samples(episode, rng, grounding_per_step):
+                yield {**sample, "platform": episode.platform}
+
+
+class EpisodeStream(torch.utils.data.IterableDataset):
+    """Batches of fresh episodes, endlessly: episode `start`, `start + 1`, ... of `seed`, never repeated.
+
+    Yields collated batches (use `DataLoader(stream, batch_size=None)`). Samples gather in a pool of
+    `pool_batches` batches; the pool is sorted by length and cut into batches whose order is shuffled,
+    so a batch holds samples of similar length (little padding: ~25% less compute) from many episodes.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        num_image_tokens: int,
+        batch_size: int,
+        *,
+        seed: int = TRAIN_SEED,
+        start: int = 0,
+        grounding_per_step: int = 0,
+        steps: bool = True,
+        pool_batches: int = 8,
+        **encode_kwargs: Any,
+    ) -> None:
+        self.tokenizer, self.num_image_tokens, self.batch_size = tokenizer, num_image_tokens, batch_size
+        self.seed, self.start, self.grounding_per_step, self.steps = seed, start, grounding_per_step, steps
+        self.pool_batches, self.encode_kwargs = pool_batches, encode_kwargs
+        self.collate = TrainingCollator(tokenizer)
+
+    def _encoded(self) -> Iterator[EncodedSample]:
+        index = self.start
+        while True:
+            for conversation in episode_conversations(
+                self.seed, index, 1, grounding_per_step=self.grounding_per_step, steps=self.steps
+            ):
+                yield encode_conversation(
+                    conversation["messages"],
+                    self.tokenizer,
+                    num_image_tokens=self.num_image_tokens,
+                    name=f"seed {self.seed} episode {index}",
+                    **self.encode_kwargs,
+                )
+            index += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rng = random.Random(self.seed)
+        pool: list[EncodedSample] = []
+        for sample in self._encoded():
+            pool.append(sample)
+            if len(pool) < self.batch_size * self.pool_batches:
+                continue
+            rng.shuffle(pool)  # episodes mixed before the (stable) sort breaks ties
+            pool.sort(key=lambda s: len(s.input_ids))
+            batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+            rng.shuffle(batches)
+            for batch in batches:
+                yield self.collate(batch)
+            pool = []
+
+
+# --- training -----------------------------------------------------------------------------------------------
+@dataclass
+class TrainingLog:
+    """What `train_tiny` did: steps, samples, seconds, and the loss after each step."""
+
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0  # on the budget's clock (CPU or wall)
+    wall_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def train_tiny(
+    model,
+    tokenizer,
+    *,
+    minutes: float,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    warmup_steps: int = 20,
+    seed: int = TRAIN_SEED,
+    max_steps: int | None = None,
+    grounding_per_step: int = 1,
+    grounding_first: float = 0.0,
+    clock: str = "cpu",
+    log_every: int = 25,
+    **encode_kwargs: Any,
+) -> TrainingLog:
+    """Full fine-tuning on `EpisodeStream` for `minutes` (or `max_steps`), then eval mode.
+
+    grounding_first: the fraction of the budget spent on "click X" samples alone (a grounding phase,
+    as CogAgent itself was pretrained on grounding before agent data) before the episodes start.
+
+    clock: "cpu" counts the process's CPU time (`time.process_time`), so a run on a machine shared with
+    other work does as much as it would on an idle one: with one torch thread, 10 CPU minutes are at
+    most 10 wall minutes on an idle 2-core laptop. "wall" counts wall time.
+    The learning rate warms up linearly, then follows a cosine to 10% over the budget, so a slower
+    machine takes fewer steps but still ends on a small learning rate.
+    """
+    torch.manual_seed(seed)
+    stream = EpisodeStream(
+        tokenizer,
+        model.config.num_image_tokens,
+        batch_size,
+        seed=seed,
+        grounding_per_step=grounding_per_step,
+        **encode_kwargs,
+    )
+    grounding = EpisodeStream(
+        tokenizer,
+        model.config.num_image_tokens,
+        batch_size,
+        seed=seed + 1,
+        grounding_per_step=max(2, grounding_per_step),
+        steps=False,
+        **encode_kwargs,
+    )
+    phases = (
+        iter(torch.utils.data.DataLoader(grounding, batch_size=None)),
+        iter(torch.utils.data.DataLoader(stream, batch_size=None)),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
+    now = {"cpu": time.process_time, "wall": time.perf_counter}[clock]
+    log, budget, started, wall = TrainingLog(), minutes * 60, now(), time.perf_counter()
+    model.train()
+    while True:
+        elapsed = now() - started
+        if elapsed >= budget or (max_steps is not None and log.steps >= max_steps):
+            break
+        progress = elapsed / budget if max_steps is None else log.steps / max_steps
+        batch = next(phases[0] if progress < grounding_first else phases[1])
+        warm = min(1.0, (log.steps + 1) / warmup_steps)
+        scale = warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * scale
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        log.steps += 1
+        log.samples += len(batch["input_ids"])
+        log.losses.append(loss.item())
+        if log_every and log.steps % log_every == 0:
+            print(f"step {log.steps:5d}  samples {log.samples:6d}  loss {loss:.3f}  {elapsed:6.0f} s", flush=True)
+    log.seconds, log.wall_seconds = now() - started, time.perf_counter() - wall
+    model.eval()
+    return log
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+def blank_like(image: Image.Image) -> Image.Image:
+    """A white screenshot of the same size: what the model sees when the image carries no information."""
+    return Image.new("RGB", image.size, (255, 255, 255))
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    conversations: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 160,
+    blank_images: bool = False,
+) -> list[str]:
+    """Greedy answers to the user turns of `conversations` (left-padded batches, official stop tokens)."""
+    answers: list[str] = []
+    markers = [model.config.boi_token_id, model.config.eoi_token_id]
+    for first in range(0, len(conversations), batch_size):
+        users = []
+        for conversation in conversations[first : first + batch_size]:
+            user = dict(conversation["messages"][0])
+            if blank_images:
+                user["image"] = blank_like(user["image"])
+            users.append([user])
+        inputs = tokenizer.apply_chat_template(users, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_ids_for_generation,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=markers,
+        )  # image markers are never an answer (issue 10)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return answers
+
+
+# --- baselines that ignore the image ------------------------------------------------------------------------
+def _target(conversation: dict[str, Any]) -> Action:
+    """The reference operation of a conversation (read from its answer, as the metrics read it)."""
+    return parse_answer(conversation["messages"][-1]["content"]).operation
+
+
+def element_label(conversation: dict[str, Any]) -> str:
+    """The reference operation's `element_info` (the label the task text names), or "" without one."""
+    return str(_target(conversation).args.get("element_info", ""))
+
+
+def _mean_box(boxes: list[Sequence[int]]) -> tuple[int, ...]:
+    return tuple(round(sum(b[i] for b in boxes) / len(boxes)) for i in range(4))
+
+
+def text_only_boxes(train: Sequence[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Mean training box per (platform, element label), and per (platform, "") for labels never seen.
+
+    The best a model can do from the text alone: the task and the history name the element, the
+    platform line names the device, nothing says where the element is on *this* screen.
+    """
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for conversation in train:
+        op = _target(conversation)
+        if op.box is not None:
+            groups[(conversation["platform"], element_label(conversation))].append(op.box)
+            groups[(conversation["platform"], "")].append(op.box)
+    return {key: _mean_box(boxes) for key, boxes in groups.items()}
+
+
+def text_only_answer(conversation: dict[str, Any], means: dict[tuple[str, str], tuple[int, ...]]) -> str:
+    """The reference answer with the text-only box (`text_only_boxes`) in place of the true one."""
+    platform = conversation["platform"]
+    return with_box(conversation, means.get((platform, element_label(conversation)), means.get((platform, ""))))
+
+
+def most_common_box(train: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+    """The single most frequent training box (ties: the first seen)."""
+    counts = Counter(tuple(op.box) for op in map(_target, train) if op.box is not None)
+    return counts.most_common(1)[0][0]
+
+
+def with_box(conversation: dict[str, Any], box: Sequence[int] | None) -> str:
+    """The reference answer with its operation's box replaced by `box` (None: the answer unchanged)."""
+    answer = conversation["messages"][-1]["content"]
+    op = _target(conversation)
+    if box is None or op.box is None:
+        return answer
+    old = "[[" + ",".join(str(v) for v in op.box) + "]]"
+    return answer.replace(old, "[[" + ",".join(str(v) for v in box) + "]]", 1)
+
+
+# --- the whole comparison -----------------------------------------------------------------------------------
+REPORT_ROWS: tuple[str, ...] = ("untrained", "most common box", "text-only guess", "blank image", "trained")
+"""The rows of `learning_report`, in table order."""
+
+
+def rates(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | int | None]:
+    """The GUI metrics (`cogagent_nb.infer.metrics.summarize`) of greedy answers against references."""
+    from cogagent_nb.infer.metrics import score_answers, summarize
+
+    summary = summarize(score_answers(predictions, references))
+    keys = ("parse_rate", "click_in_box", "type_accuracy", "text_exact", "step_success", "n", "n_with_box")
+    return {key: summary[key] for key in keys}
+
+
+def baseline_rates(held_out: Sequence[dict[str, Any]], seen: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """What answers that ignore the screenshot score: the most common box and the text-only guess.
+
+    Both keep the reference answer's text and action and change only the box, so they measure the
+    box alone (parse and type rates are 100% by construction).
+    """
+    references = [c["messages"][-1]["content"] for c in held_out]
+    common = most_common_box(seen)
+    means = text_only_boxes(seen)
+    return {
+        "most common box": rates([with_box(c, common) for c in held_out], references),
+        "text-only guess": rates([text_only_answer(c, means) for c in held_out], references),
+    }
+
+
+def model_rates(
+    model, tokenizer, held_out: Sequence[dict[str, Any]], *, blank_images: bool = False, batch_size: int = 32
+) -> tuple[dict, list[str]]:
+    """Greedy answers on `held_out` and their rates; `blank_images` swaps every screenshot for a white one."""
+    predictions = generate_answers(model, tokenizer, held_out, blank_images=blank_images, batch_size=batch_size)
+    return rates(predictions, [c["messages"][-1]["content"] for c in held_out]), predictions
+
+
+def format_report(results: dict[str, dict]) -> str:
+    """The comparison as a text table: parse rate, click-in-box, action type and step success per row."""
+    lines = [f"{'setting':18s} {'parse':>7s} {'click-in-box':>13s} {'type':>7s} {'step':>7s}"]
+    for name, row in results.items():
+        lines.append(
+            f"{name:18s} {row['parse_rate']:7.1%} {row['click_in_box']:13.1%} "
+            f"{row['type_accuracy']:7.1%} {row['step_success']:7.1%}"
+        )
+    return "\n".join(lines)
+
+
+def grounding_report(
+    model,
+    tokenizer,
+    *,
+    eval_episodes: int = 96,
+    baseline_episodes: int = 400,
+    untrained: dict | None = None,
+    batch_size: int = 32,
+) -> dict[str, dict]:
+    """The comparison of issue 10 on held-out episodes (seed `EVAL_SEED`), rows as in `REPORT_ROWS`.
+
+    `untrained`: the rates of the same model before training (`model_rates` on the held-out episodes),
+    measured by the caller before it trains; left out of the table when None. The text-only and
+    most-common-box rows use `baseline_episodes` episodes of the training distribution.
+    Print it with `format_report`.
+    """
+    held_out = list(episode_conversations(EVAL_SEED, 0, eval_episodes))
+    seen = list(episode_conversations(TRAIN_SEED, 10**6, baseline_episodes))
+    results = {} if untrained is None else {"untrained": untrained}
+    results.update(baseline_rates(held_out, seen))
+    results["blank image"], _ = model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)
+    results["trained"], _ = model_rates(model, tokenizer, held_out, batch_size=batch_size)
+    return results

@@ -1,0 +1,83 @@
+"""The tiny grounding recipe (issue 10): grounding samples, the training stream, the loop, the baselines,
+and the tokenizer's digit-by-digit numbers."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import cogagent_nb as cnb
+from cogagent_nb.data import screens as gr
+from cogagent_nb.data.actions import parse_answer
+from cogagent_nb.data.boxes import to_pixels
+from cogagent_nb.data.synthetic import grounding_samples, make_episode
+from cogagent_nb.train import grounding as g
+
+
+def test_tiny_tokenizer_spells_every_number_digit_by_digit(tiny_model_dir) -> None:
+    tokenizer, _ = cnb.load(tiny_model_dir)
+    digits = [tokenizer.encode_text(str(d)) for d in range(10)]
+    assert all(len(ids) == 1 for ids in digits)
+    for number in ("559", "242", "1000", "07"):
+        assert tokenizer.encode_text(number) == [digits[int(c)][0] for c in number]
+
+
+def test_grounding_samples_point_at_labelled_elements_of_their_own_screen() -> None:
+    episode = make_episode(2, seed=5)
+    samples = grounding_samples(episode, random.Random(0), per_step=3)
+    assert len(samples) >= len(episode.steps)  # every screen has at least one labelled element
+    for sample in samples:
+        user, answer = sample["messages"]
+        operation = parse_answer(answer["content"]).operation
+        label = operation.args["element_info"]
+        assert f"'{label}'" in user["content"]
+        left, top, right, bottom = to_pixels(operation.box, *user["image"].size)
+        colours = {c for _, c in user["image"].crop((left, top, right, bottom)).getcolors(1 << 16)}
+        if label in gr.STYLE:  # buttons and icons keep their label's colour inside the box
+            assert gr.STYLE[label].colour in colours, label
+
+
+def test_text_only_guess_uses_the_label_mean_and_falls_back_to_the_platform_mean() -> None:
+    seen = list(g.episode_conversations(g.TRAIN_SEED, 0, 12))
+    means = g.text_only_boxes(seen)
+    conversation = next(c for c in seen if g.element_label(c) == "Settings")
+    guess = parse_answer(g.text_only_answer(conversation, means)).operation.box
+    assert guess == means[(conversation["platform"], "Settings")]
+    unknown = {**conversation, "platform": conversation["platform"]}
+    means_without_label = {k: v for k, v in means.items() if k[1] != "Settings"}
+    fallback = parse_answer(g.text_only_answer(unknown, means_without_label)).operation.box
+    assert fallback == means[(conversation["platform"], "")]
+
+
+def test_stream_batches_are_fresh_bucketed_and_carry_images(tiny_model_dir) -> None:
+    tokenizer, model = cnb.load(tiny_model_dir)
+    stream = g.EpisodeStream(tokenizer, model.config.num_image_tokens, 4, grounding_per_step=1, pool_batches=3)
+    batches = [batch for batch, _ in zip(stream, range(3))]
+    assert all(b["images"].shape == (4, 3, 224, 224) for b in batches)
+    widths = sorted(b["input_ids"].shape[1] for b in batches)
+    real = sorted(int(n) for b in batches for n in b["attention_mask"].sum(1))
+    assert real[-1] <= widths[-1] and len(set(widths)) > 1  # sorted by length: batches of different widths
+
+
+def test_train_tiny_lowers_the_loss_and_ends_in_eval_mode(tiny_model_dir) -> None:
+    torch.manual_seed(0)
+    tokenizer, model = cnb.load(tiny_model_dir)
+    log = g.train_tiny(model, tokenizer, minutes=5, max_steps=12, batch_size=4, learning_rate=3e-3, log_every=0)
+    assert log.steps == 12 and log.samples == 48
+    assert sum(log.losses[-3:]) / 3 < sum(log.losses[:3]) / 3
+    assert not model.training
+
+
+def test_the_tiny_preset_puts_image_vectors_at_the_text_scale() -> None:
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.loading import init_model
+
+    model = init_model(CogAgentConfig.from_preset("tiny"))
+    screens = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        image = model.transformer.vision(screens)[:, 1:-1]  # (B, n, H) without boi/eoi
+    text = model.get_input_embeddings().weight
+    ratio = image.norm(dim=-1).mean() / text.norm(dim=-1).mean()
+    assert 0.3 < ratio < 3, ratio
+    assert CogAgentConfig.from_preset("cogagent-9b-20241220").vision_config.scaling_factor == 8  # 9B untouched
