@@ -49,7 +49,10 @@ LAB_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
 }
-LESSONS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# The lessons whose point in a browser is a widget (the sample browser, the mask browser). Lessons 03-07
+# train models: nbval runs them as saved and tests/test_notebooks_own_data.py on other data, and running
+# them again here would take most of CI's time for no browser-specific check.
+LESSONS = [REPO_ROOT / "notebooks" / name for name in ("01_data_format.ipynb", "02_loss_mask.ipynb")]
 
 
 def _require_browser():

@@ -65,6 +65,7 @@ def test_gradients_never_outlive_their_update() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_bf16_states_and_bf16_weights_follow_the_fp32_adamw_loss_curve() -> None:
     reference, _ = _train("torch", steps=25)
     states_bf16, _ = _train("fused-bf16", steps=25)
