@@ -57,10 +57,10 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 # Short runs: what is tested here is that each lesson reads the learner's data, not how well it trains
 # (the defaults run in `make test` through nbval). Each lesson gets only the names it declares.
 QUICK = {
-    "max_steps": 4,  # 03, 04, 06
-    "stop_at": 2,  # 06: stop, then resume
+    "max_steps": 10,  # 03, 04, 06
+    "stop_at": 4,  # 06: stop, then resume
     "save_steps": 2,  # 06
-    "smoke_steps": 2,  # 05
+    "smoke_steps": 4,  # 05 (past the 2 warm-up steps)
     "train_steps": 4,  # 07
     "eval_limit": 4,  # 07
     "agent_episodes": 1,  # 07

@@ -124,6 +124,17 @@ def load_split(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
     return load_conversations(Path(data_dir) / f"{split}.jsonl")
 
 
+def held_out_split(data_dir: str | Path) -> str:
+    """The split to show a model's answers on: "test", else "dev", else "train" (the first file present).
+
+    A learner's own folder may hold train.jsonl alone; lessons then show a training sample and say so.
+    """
+    for split in ("test", "dev", "train"):
+        if (Path(data_dir) / f"{split}.jsonl").is_file():
+            return split
+    raise FileNotFoundError(f"{data_dir}: no train.jsonl, dev.jsonl or test.jsonl (see lesson 01 for the layout)")
+
+
 def conversation_image(conversation: dict[str, Any], data_dir: str | Path) -> Path | None:
     """The screenshot of a conversation as a path (image paths are relative to the data folder)."""
     for message in conversation["messages"]:

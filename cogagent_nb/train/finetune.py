@@ -205,6 +205,8 @@ def finetune(
         config = load_config(config, overrides)
     _say(format_config(config))
     files = split_files(data_dir, config.data_config)
+    if "val" in files and config.training_args.get("eval_strategy", "no") == "no":
+        del files["val"]  # read only when evaluating; a learner's own data often has no dev split
     check_data(files, echo=is_main_process())
     checkpoint = resolve_resume(resume, Path(config.training_args.get("output_dir", "./output")))
     if checkpoint is not None:
