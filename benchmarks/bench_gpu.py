@@ -212,10 +212,7 @@ def prepare(case: Case, config: CogAgentConfig, args: argparse.Namespace) -> tup
     else:  # full_sft_one_gpu: the official sft.yaml, freezeV
         model.transformer.vision.requires_grad_(False)
     if case.checkpointing in ("full", "half"):
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False},
-            every_n_layers=2 if case.checkpointing == "half" else 1,
-        )
+        modeling.enable_activation_checkpointing(model, every_n_layers=2 if case.checkpointing == "half" else 1)
     elif case.checkpointing == "selective":
         modeling.selective_checkpointing(model)
     model.train()
@@ -479,7 +476,7 @@ def lora_parity(config: CogAgentConfig, args: argparse.Namespace) -> dict:
 
     plain_loss, plain = loss_and_grads(False)
     _, plain_again = loss_and_grads(False)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    modeling.enable_activation_checkpointing(model)
     fast_loss, fast = loss_and_grads(True)
     floor, distance = gap(plain, plain_again), gap(plain, fast)
     loss_gap = abs(fast_loss - plain_loss) / abs(plain_loss)

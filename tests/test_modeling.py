@@ -18,6 +18,7 @@ from cogagent_nb.model.modeling import (
     RotaryEmbedding,
     apply_rotary,
     build_attention_mask,
+    enable_activation_checkpointing,
     splice_image,
 )
 
@@ -370,9 +371,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(images) -> Non
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     plain_loss, plain_grads = loss_and_grads()
-    # transformers 5.24 renamed gradient_checkpointing_enable (non-reentrant by default in both)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable_activation_checkpointing(model)  # the transformers 5.24 rename, handled in one place
     assert all(layer.gradient_checkpointing for layer in model.transformer.encoder.layers)
     assert all(layer.gradient_checkpointing for layer in model.transformer.vision.transformer.layers)
     ckpt_loss, ckpt_grads = loss_and_grads()

@@ -942,6 +942,23 @@ def _summed_cross_entropy(rows: torch.Tensor, targets: torch.Tensor, head: nn.Mo
     return F.cross_entropy(head(rows).float(), targets, reduction="sum")
 
 
+def enable_activation_checkpointing(model: nn.Module, *, every_n_layers: int = 1) -> None:
+    """Checkpoint every (n-th) layer of both towers, non-reentrant; works on a bare or PEFT-wrapped model.
+
+    The one place that knows the transformers rename: 5.24 calls it `activation_checkpointing_enable`
+    (and adds `every_n_layers`); 5.17-5.23, which GPU images ship, only have `gradient_checkpointing_enable`.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError(
+            f"every_n_layers={every_n_layers} needs transformers >= 5.24 (activation_checkpointing_enable)"
+        )
+
+
 def selective_checkpointing(model: nn.Module, *, vision_attention: bool = True) -> None:
     """Activation checkpointing in both towers that keeps the vision tower's attention outputs.
 
@@ -958,7 +975,7 @@ def selective_checkpointing(model: nn.Module, *, vision_attention: bool = True) 
     the listed ops and recomputes the rest. The language layers are checkpointed whole.
     Works on a bare model or a PEFT wrapper (call after `get_peft_model`).
     """
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     if not vision_attention:
         return
     saved = [
@@ -985,6 +1002,7 @@ __all__ = [
     "causal_lm_loss",
     "supervised_lm_loss",
     "selective_checkpointing",
+    "enable_activation_checkpointing",
     "Speedups",
     "SPEEDUPS",
     "ImageMarkerSuppressor",
