@@ -217,7 +217,6 @@ def blank_like(image: Image.Image) -> Image.Image:
     return Image.new("RGB", image.size, (255, 255, 255))
 
 
-@torch.no_grad()
 def generate_answers(
     model,
     tokenizer,
@@ -227,28 +226,16 @@ def generate_answers(
     max_new_tokens: int = 160,
     blank_images: bool = False,
 ) -> list[str]:
-    """Greedy answers to the user turns of `conversations` (left-padded batches, official stop tokens)."""
-    answers: list[str] = []
-    markers = [model.config.boi_token_id, model.config.eoi_token_id]
-    for first in range(0, len(conversations), batch_size):
-        users = []
-        for conversation in conversations[first : first + batch_size]:
-            user = dict(conversation["messages"][0])
-            if blank_images:
-                user["image"] = blank_like(user["image"])
-            users.append([user])
-        inputs = tokenizer.apply_chat_template(users, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_ids_for_generation,
-            pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=markers,
-        )  # image markers are never an answer (issue 10)
-        new = out[:, inputs["input_ids"].shape[1] :]
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-    return answers
+    """Greedy answers to the user turns of `conversations`, through the inference stage's batched,
+    left-padded `infer.generate.generate_answers` (official stop set, image markers suppressed).
+    `blank_images` swaps every screenshot for a white one (`blank_like`)."""
+    from cogagent_nb.infer.generate import generate_answers as generate
+
+    users = [conversation["messages"][0] for conversation in conversations]
+    images = [blank_like(user["image"]) if blank_images else user["image"] for user in users]
+    prompts = [user["content"] for user in users]
+    generated = generate(model, tokenizer, images, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return [g.text for g in generated]
 
 
 # --- baselines that ignore the image ------------------------------------------------------------------------
