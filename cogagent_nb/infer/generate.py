@@ -5,9 +5,11 @@ package functions that notebooks, `cogagent-nb infer` and `cogagent-nb evaluate`
 
 1. `build_prompt` writes the user turn (task, history, platform, answer format; `data/prompts.py`);
 2. the tokenizer's chat template adds the image markers and `<|assistant|>` (`data/tokenizer.py`);
-3. `model.generate` decodes greedily by default and stops on the official stop set, which the
-   tokenizer reports (`eos_token_ids_for_generation`: `<|endoftext|>`, `<|user|>`, `<|observation|>`);
-   the image marker ids are never generated (`modeling.ImageMarkerSuppressor`);
+3. the model decodes greedily by default and stops on the official stop set, which the tokenizer
+   reports (`eos_token_ids_for_generation`: `<|endoftext|>`, `<|user|>`, `<|observation|>`); the image
+   marker ids are never generated (`modeling.ImageMarkerSuppressor`). Greedy decoding runs the static
+   KV-cache decoder (`static_decode.py`: one CUDA graph replay per token, the same ids as
+   `model.generate`); sampling runs `model.generate`;
 4. `parse_answer` reads the fields and the Grounded Operation (`data/actions.py`); an answer that does
    not parse is kept with its error, never raised: an untrained model writes anything;
 5. `to_pixels` turns the box from thousandths into pixels of *this* screenshot, and the click point
@@ -317,10 +319,29 @@ def generate_answers(
         batch = {key: value.to(device) for key, value in batch.items()}
         if seed is not None:
             torch.manual_seed(seed + start)
-        with torch.no_grad():
-            output = model.generate(**batch, **kwargs)
-        results += [_decoded(tokenizer, row, stop_ids) for row in output[:, batch["input_ids"].shape[1] :].tolist()]
+        new_ids = _generate_batch(model, batch, kwargs)
+        results += [_decoded(tokenizer, row, stop_ids) for row in new_ids.tolist()]
     return results
+
+
+def _generate_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The new ids (B, T) of one batch: greedy through the static decoder where it can serve the model
+    (a CUDA graph per token, `static_decode.py`), otherwise (sampling, prefix tuning, a stand-in, the
+    switch `SPEEDUPS.static_decode` off) through `model.generate`."""
+    from cogagent_nb.infer.static_decode import greedy_generate, static_decoder_for
+
+    native = None if kwargs["do_sample"] else static_decoder_for(model)
+    if native is not None:
+        return greedy_generate(
+            native,
+            **batch,
+            max_new_tokens=kwargs["max_new_tokens"],
+            stop_ids=kwargs["eos_token_id"],
+            pad_token_id=kwargs["pad_token_id"],
+        )
+    with torch.no_grad():
+        output = model.generate(**batch, **kwargs)
+    return output[:, batch["input_ids"].shape[1] :]
 
 
 def _decoded(tokenizer: ChatGLM4Tokenizer, ids: list[int], stop_ids: set[int]) -> Generated:

@@ -69,11 +69,15 @@ class Speedups:
       on PyTorch 2.11 / H200 the grouped call with a padding mask ran on a fused kernel (3.5 ms and
       0.67 GiB for 4 x 2048 tokens, forward + backward, against 3.7 ms and 0.78 GiB expanded;
       docs/BENCHMARKS.md), so expanding does not pay there. Turn it on for an older PyTorch.
+    - static_decode: greedy `generate_answers` decodes with a static KV cache, one CUDA graph replay per
+      token (`infer/static_decode.py`), instead of `GenerationMixin.generate` (host-bound: ~1,600
+      eager launches and several host synchronisations per token).
     """
 
     supervised_loss: bool = True
     frozen_vision_no_grad: bool = True
     expand_kv_with_mask: bool = False
+    static_decode: bool = True
 
 
 SPEEDUPS = Speedups()
