@@ -10,7 +10,9 @@ Methods (the targets table of the issue):
   lora_language      LoRA on the language model only, vision tower frozen (freezeV)
   full_sft_one_gpu   every language-model weight trains, vision frozen; optimizer step included
   qlora              lora on a 4-bit NF4 base (bitsandbytes), when it is importable
-  inference          prefill (logits of the last position, as `generate`), greedy decode at batch 1 and 8
+  inference          prefill (logits of the last position, as `generate`), greedy decode at batch 1 and 8:
+                     the static KV-cache decoder with CUDA graphs (decode_tok_s_bs1, what generate_answers
+                     runs) and `GenerationMixin.generate` (decode_tok_s_bs1_generate, the path it replaced)
 
 Per case: step time (median, min, max), spliced tokens/s, MFU = model FLOPs / (step time x the bf16
 matmul rate measured at the start of the same run), peak allocated and reserved memory. Model FLOPs
@@ -303,7 +305,9 @@ def run_training_case(case: Case, config: CogAgentConfig, args: argparse.Namespa
 
 
 def run_inference_case(case: Case, config: CogAgentConfig, args: argparse.Namespace, rate: float) -> dict:
-    """Prefill as `generate` does it (logits of the last position), then greedy decode at batch 1 and 8."""
+    """Prefill as `generate` does it (logits of the last position), then greedy decode at batch 1 and 8,
+    through the static decoder and through `generate` (`DECODE_PATHS`), in the same process; the share of
+    equal ids between the two (`decode_same_ids_bs*`) shows they decode the same thing up to rounding."""
     device = torch.device(args.device)
     model, _, _ = prepare(case, config, args)
     result: dict[str, Any] = {}
@@ -318,53 +322,99 @@ def run_inference_case(case: Case, config: CogAgentConfig, args: argparse.Namesp
     for rows in args.decode_batches:
         inputs = synthetic_batch(config, rows, args.seq_len, device, args.torch_dtype, args.seed + rows)
         inputs.pop("labels")
-        reset_memory(device)
-        decode_s = decode_seconds_per_step(model, inputs, args.new_tokens, device)
-        result[f"decode_tok_s_bs{rows}"] = round(rows / decode_s, 1)
-        result[f"decode_ms_per_step_bs{rows}"] = round(1000 * decode_s, 2)
-        result[f"peak_gib_bs{rows}"] = memory(device)["peak_gib"]
+        ids = {}
+        for suffix, decode in DECODE_PATHS.items():
+            reset_memory(device)
+            decode_s, fixed_s, ids[suffix] = decode_seconds_per_step(decode, model, inputs, args.new_tokens, device)
+            result[f"decode_tok_s_bs{rows}{suffix}"] = round(rows / decode_s, 1)
+            result[f"decode_ms_per_step_bs{rows}{suffix}"] = round(1000 * decode_s, 2)
+            result[f"decode_fixed_s_bs{rows}{suffix}"] = round(fixed_s, 4)
+            result[f"peak_gib_bs{rows}{suffix}"] = memory(device)["peak_gib"]
+        same = (ids[""] == ids["_generate"]).float().mean().item() if ids[""].shape == ids["_generate"].shape else 0.0
+        result[f"decode_same_ids_bs{rows}"] = round(same, 4)
     if args.profile_dir and case.name in args.profile:
         inputs = synthetic_batch(config, 1, args.seq_len, device, args.torch_dtype, args.seed)
         inputs.pop("labels")
-        result["profile"] = profile(
-            lambda: generate(model, inputs, 16), device, args.profile_dir / "decode", wall_divisor=16
-        )
+        for suffix, decode in DECODE_PATHS.items():
+            result[f"profile{suffix}"] = profile(
+                lambda decode=decode: decode(model, inputs, 16), device, args.profile_dir / f"decode{suffix}", 16
+            )
     model = None  # free the weights before the next case
     return result
 
 
 def generate(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
-    return model.generate(
+    """The "before" path: `GenerationMixin.generate`, greedy, no stop before `new_tokens`; the new ids."""
+    out = model.generate(
         **inputs,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=model.config.pad_token_id,
     )
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def static_decode(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
+    """The "after" path: the static KV-cache decoder, a CUDA graph replay per token on a GPU.
+
+    `generate` above never stops (min_new_tokens = new_tokens sets the stop ids' scores to -inf); the
+    same here: no stop ids, and the stop ids are suppressed with the image markers, so both choose
+    among the same candidates and their ids can be compared.
+    """
+    from cogagent_nb.infer.static_decode import greedy_generate
+
+    config, device = model.config, inputs["input_ids"].device
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return greedy_generate(
+        model,
+        **inputs,
+        max_new_tokens=new_tokens,
+        stop_ids=(),
+        pad_token_id=config.pad_token_id,
+        suppress_ids=(config.boi_token_id, config.eoi_token_id, *eos),
+        use_graph=device.type == "cuda",
+    )
+
+
+DECODE_PATHS: dict[str, Callable[[torch.nn.Module, dict, int], torch.Tensor]] = {
+    "": static_decode,  # decode_tok_s_bs1: what `generate_answers` runs for greedy answers
+    "_generate": generate,  # decode_tok_s_bs1_generate: the path it replaced
+}
 
 
 def decode_seconds_per_step(
-    model: torch.nn.Module, inputs: dict, new_tokens: int, device: torch.device, repeats: int = 2
-) -> float:
-    """(time of generate with 1 + new_tokens tokens - time with 1 token) / new_tokens: decode steps only.
+    decode: Callable[[torch.nn.Module, dict, int], torch.Tensor],
+    model: torch.nn.Module,
+    inputs: dict,
+    new_tokens: int,
+    device: torch.device,
+    repeats: int = 2,
+) -> tuple[float, float, torch.Tensor]:
+    """(seconds per decode step, fixed seconds per call, the new ids of the longer call).
 
-    Each of the two is the best of `repeats` runs, so a stray pause does not land in the difference.
+    Per step: (time with 2 + new_tokens tokens - time with 2 tokens) / new_tokens, so the fixed costs
+    (prefill, and for the static decoder the warm-up and graph capture, which need at least one decode
+    step) cancel. Each time is the best of `repeats` runs, so a stray pause does not land in the
+    difference. Fixed: the time with 2 tokens minus one step.
     """
     with torch.no_grad():
-        generate(model, inputs, 4)  # warm-up
+        decode(model, inputs, 4)  # warm-up
         timings = {}
-        for count in (1, 1 + new_tokens):
+        for count in (2, 2 + new_tokens):
             best = float("inf")
             for _ in range(repeats):
                 sync(device)
                 start = time.perf_counter()
-                out = generate(model, inputs, count)
+                out = decode(model, inputs, count)
                 sync(device)
                 best = min(best, time.perf_counter() - start)
             timings[count] = best
-            if out.shape[1] != inputs["input_ids"].shape[1] + count:
-                raise RuntimeError(f"generate returned {out.shape[1]} ids, expected prompt + {count}")
-    return (timings[1 + new_tokens] - timings[1]) / new_tokens
+            if out.shape != (inputs["input_ids"].shape[0], count):
+                raise RuntimeError(f"{decode.__name__} returned {tuple(out.shape)} new ids, expected {count} per row")
+    per_step = (timings[2 + new_tokens] - timings[2]) / new_tokens
+    return per_step, timings[2] - per_step, out
 
 
 def profile(step: Callable[[], Any], device: torch.device, out: Path, wall_divisor: int = 1) -> dict:
@@ -622,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update(method=case.method, checkpointing=case.checkpointing, speedups=case.speedups, note=case.note)
         result["case_s"] = round(time.perf_counter() - start, 1)
         report["cases"][case.name] = result
-        print(f"{case.name}: " + json.dumps({k: v for k, v in result.items() if k not in ("profile", "losses")}))
+        shown = {k: v for k, v in result.items() if not k.startswith("profile") and k != "losses"}
+        print(f"{case.name}: " + json.dumps(shown))
         write(report, args.out)
     if args.attention:
         report["gqa_mask_attention"] = gqa_mask_attention(config, args)

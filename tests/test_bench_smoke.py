@@ -21,7 +21,10 @@ def test_bench_gpu_runs_every_kind_of_case_and_writes_json(tmp_path: Path) -> No
         case = report["cases"][name]
         assert case["step_s"] > 0 and case["mfu"] > 0 and len(case["losses"]) == 1, name
     assert report["cases"]["full_sft_one_gpu"]["optimizer"].startswith("BackwardFusedAdamW")
-    assert report["cases"]["inference"]["decode_ms_per_step_bs1"] is not None  # CPU timings too noisy to bound
+    inference = report["cases"]["inference"]
+    for key in ("decode_ms_per_step_bs1", "decode_ms_per_step_bs1_generate"):  # static decoder, generate
+        assert inference[key] is not None, key  # CPU timings too noisy to bound
+    assert inference["decode_same_ids_bs1"] == 1.0  # fp32: both paths choose the same ids
     assert report["gqa_mask_attention"]["expanded_kv_s"] > 0
     assert report["parity"]["passed"]  # fp32: the optimised LoRA step equals the plain one
 
