@@ -14,6 +14,9 @@ Methods (the targets table of the issue):
                      the static KV-cache decoder with CUDA graphs (decode_tok_s_bs1, what generate_answers
                      runs) and `GenerationMixin.generate` (decode_tok_s_bs1_generate, the path it replaced)
 
+--padding adds batches of 4 demo samples of mixed lengths: padding waste in data order, shuffled and
+grouped by length (the Trainer's group_by_length), and the LoRA step time of data order vs grouped.
+
 Per case: step time (median, min, max), spliced tokens/s, MFU = model FLOPs / (step time x the bf16
 matmul rate measured at the start of the same run), peak allocated and reserved memory. Model FLOPs
 follow the issue's formula (`model_flops`), recomputation not counted.
@@ -491,6 +494,111 @@ def gqa_mask_attention(config: CogAgentConfig, args: argparse.Namespace, rows: i
     return result
 
 
+# --- padding: batches of 4 mixed lengths, in data order or grouped by length -------------------------------
+DEMO_TRAIN = REPO_ROOT / "data" / "CogAgentData" / "train.jsonl"
+
+
+def demo_lengths(config: CogAgentConfig, tokenizer_dir: Path | None) -> list[int]:
+    """Spliced lengths (text ids + the image's n - 1 extra slots) of the demo training samples.
+
+    Encoded as finetune.py encodes them (`encode_conversation` with configs/lora.yaml's length budgets);
+    a blank image stands in for each screenshot, since lengths do not depend on pixels. The tokenizer
+    is `tokenizer_dir`'s or, by default, the course's tiny one, which spells text in more ids than
+    GLM-4's 151k-rank tokenizer does (so the text share of a sample is overstated).
+    """
+    from PIL import Image
+
+    from cogagent_nb.data.encoding import encode_conversation
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.data.validation import load_conversations
+    from cogagent_nb.train.config import load_config
+    from cogagent_nb.train.data import length_budgets
+
+    if tokenizer_dir is not None:
+        tokenizer = ChatGLM4Tokenizer.from_pretrained(str(tokenizer_dir), image_size=14)
+    else:
+        tokenizer = ChatGLM4Tokenizer(TINY_TOKENIZER_FILE, image_size=14)
+    budgets = length_budgets(load_config(REPO_ROOT / "configs" / "lora.yaml"))
+    blank = Image.new("RGB", (14, 14))
+    lengths = []
+    for conversation in load_conversations(DEMO_TRAIN):
+        messages = [{**m, "image": blank} if m.get("image") is not None else m for m in conversation["messages"]]
+        sample = encode_conversation(messages, tokenizer, num_image_tokens=config.num_image_tokens, **budgets)
+        lengths.append(len(sample.input_ids) + config.num_image_tokens - 1)
+    return lengths
+
+
+def batch_orders(lengths: list[int], rows: int, seed: int) -> dict[str, list[list[int]]]:
+    """Index batches of `rows`: in data order, shuffled (the Trainer's default sampler), grouped by length
+    (the Trainer's `group_by_length`: transformers' `get_length_grouped_indices`, mega-batches of 50 x rows
+    sorted longest first)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    orders = {
+        "data_order": list(range(len(lengths))),
+        "shuffled": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist(),
+        "grouped": get_length_grouped_indices(lengths, rows, generator=torch.Generator().manual_seed(seed)),
+    }
+    return {name: [order[i : i + rows] for i in range(0, len(order), rows)] for name, order in orders.items()}
+
+
+def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
+    """Padded slots / all slots when each batch is padded to its longest sample."""
+    slots = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    return 1 - sum(lengths[i] for batch in batches for i in batch) / slots
+
+
+def padded_batch(
+    config: CogAgentConfig, lengths: list[int], device: torch.device, dtype: torch.dtype, seed: int
+) -> dict[str, torch.Tensor]:
+    """`synthetic_batch` rows of the given spliced lengths, right-padded as the training collator pads."""
+    rows = [synthetic_batch(config, 1, length, device, dtype, seed + i) for i, length in enumerate(lengths)]
+    width = max(row["input_ids"].shape[1] for row in rows)
+    fill = {"input_ids": config.pad_token_id, "attention_mask": 0, "position_ids": 0, "labels": -100}
+    batch = {
+        key: torch.cat([torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=v) for r in rows])
+        for key, v in fill.items()
+    }
+    batch["images"] = torch.cat([r["images"] for r in rows])
+    return batch
+
+
+def padding_report(config: CogAgentConfig, args: argparse.Namespace, rows: int = 4, timed: int = 16) -> dict:
+    """Padding waste of batches of `rows` demo samples per order, and the LoRA step time of each order.
+
+    Waste is over the whole demo training file. Time: the official LoRA recipe (both towers, full
+    checkpointing) over the same `timed` samples (a seeded draw) batched in data order and grouped by
+    length (sorted longest first, as one mega-batch of `group_by_length`), one untimed step first.
+    """
+    device = torch.device(args.device)
+    lengths = demo_lengths(config, args.tokenizer)
+    orders = batch_orders(lengths, rows, args.seed)
+    result: dict[str, Any] = {"rows": rows, "samples": len(lengths), "length_min": min(lengths)}
+    result["length_max"] = max(lengths)
+    result.update({f"waste_{name}": round(padding_waste(lengths, batches), 4) for name, batches in orders.items()})
+    subset = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed))[:timed].tolist()
+    subset_orders = {"data_order": sorted(subset), "grouped": sorted(subset, key=lambda i: -lengths[i])}
+    model, optimizer, _ = prepare(Case("padding", "lora", "full"), config, args)
+    for name, order in subset_orders.items():
+        batches = [[lengths[i] for i in order[j : j + rows]] for j in range(0, len(order), rows)]
+        steps = [
+            train_step(model, optimizer, padded_batch(config, b, device, args.torch_dtype, args.seed)) for b in batches
+        ]
+        steps[0]()  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for step in steps:
+            step()
+        sync(device)
+        result[f"subset_s_{name}"] = round(time.perf_counter() - start, 3)
+        result[f"subset_waste_{name}"] = round(
+            padding_waste(lengths, [order[j : j + rows] for j in range(0, len(order), rows)]), 4
+        )
+    result["subset_samples"] = timed
+    del model, optimizer
+    return result
+
+
 # --- parity: the optimised LoRA step against the plain one ---------------------------------------------------
 def lora_parity(config: CogAgentConfig, args: argparse.Namespace) -> dict:
     """Loss and LoRA gradients: speedups + checkpointing against neither, same weights and batch.
@@ -582,6 +690,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--parity", action="store_true", help="compare the optimised LoRA step with the plain one")
     p.add_argument("--attention", action="store_true", help="time SDPA with a mask: enable_gqa vs repeated K/V")
+    p.add_argument(
+        "--padding", action="store_true", help="batches of 4 demo samples: padding waste and LoRA step time by order"
+    )
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for --padding (default: tiny)")
     p.add_argument("--curve-steps", type=int, default=0, help="LoRA vs QLoRA loss curves over this many steps")
     p.add_argument("--curve-lr", type=float, default=1e-3)
     p.add_argument("--profile-dir", type=Path, default=None, help="write torch.profiler tables here")
@@ -679,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
         report["gqa_mask_attention"] = gqa_mask_attention(config, args)
         print("gqa + mask attention: " + json.dumps(report["gqa_mask_attention"]))
         reset_memory(device)
+    if args.padding:
+        report["padding"] = padding_report(config, args)
+        print("padding, batches of 4: " + json.dumps(report["padding"]))
+        reset_memory(device)
     if args.parity:
         report["parity"] = lora_parity(config, args)
         print("parity: " + json.dumps(report["parity"]))
@@ -698,7 +814,7 @@ def run_in_child(case: Case, args: argparse.Namespace, rate: float) -> dict:
     case grow by ~50 GiB: something of that case outlived it; separate processes measure each case alone.)
     """
     out = args.out.with_name(f"{args.out.stem}.{case.name}.json")
-    argv = [a for a in args.argv if a not in ("--parity", "--attention", "--isolate")]
+    argv = [a for a in args.argv if a not in ("--parity", "--attention", "--padding", "--isolate")]
     argv = [*_without_option(argv, ("--cases", "--out", "--curve-steps", "--matmul-tflops"))]
     argv += ["--cases", case.name, "--out", str(out), "--no-isolate", "--matmul-tflops", str(rate / 1e12)]
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], check=False)

@@ -12,7 +12,7 @@ def test_bench_gpu_runs_every_kind_of_case_and_writes_json(tmp_path: Path) -> No
     out = tmp_path / "gpu.json"
     cases = "lora-before,lora,full_sft_one_gpu,qlora,inference"
     argv = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--cases", cases, "--seq-len", "80"]
-    argv += ["--new-tokens", "2", "--decode-batches", "1", "--parity", "--attention", "--out", str(out)]
+    argv += ["--new-tokens", "2", "--decode-batches", "1", "--parity", "--attention", "--padding", "--out", str(out)]
     assert bench_gpu.main(argv) == 0
     report = json.loads(out.read_text())
     assert list(report["cases"]) == cases.split(",")
@@ -26,6 +26,9 @@ def test_bench_gpu_runs_every_kind_of_case_and_writes_json(tmp_path: Path) -> No
         assert inference[key] is not None, key  # CPU timings too noisy to bound
     assert inference["decode_same_ids_bs1"] == 1.0  # fp32: both paths choose the same ids
     assert report["gqa_mask_attention"]["expanded_kv_s"] > 0
+    padding = report["padding"]
+    assert padding["samples"] > 300 and padding["waste_grouped"] < padding["waste_data_order"]
+    assert padding["subset_s_data_order"] > 0 and padding["subset_s_grouped"] > 0
     assert report["parity"]["passed"]  # fp32: the optimised LoRA step equals the plain one
 
 
