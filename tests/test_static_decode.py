@@ -63,6 +63,33 @@ def test_batch_of_one_matches_generate(model, images) -> None:
     assert expected.shape == (1, NEW) and len(set(expected[0].tolist())) > 3  # a real sequence
 
 
+def test_forward_runs_once_the_steps_use_the_modules(model, images) -> None:
+    """Prefill is the one call of `forward` (and of the vision tower); decode steps call the modules."""
+    calls = {"forward": 0, "vision": 0, "encoder": 0}
+    hooks = [
+        module.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in (
+            ("forward", model),
+            ("vision", model.transformer.vision),
+            ("encoder", model.transformer.encoder),
+        )
+    ]
+    try:
+        static_ids(model, pad_batch(ROWS[:1]), images[:1], [TINY.user], new=5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"forward": 1, "vision": 1, "encoder": 5}
+
+
+def test_text_only_batch_matches_generate(model) -> None:
+    rows = [[TINY.gmask, TINY.sop, TINY.user, *range(700, 720), TINY.assistant], [TINY.gmask, TINY.sop, TINY.user, 600]]
+    inputs = pad_batch(rows)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=STOPS, pad_token_id=TINY.eos)
+    assert static_ids(model, inputs, None, STOPS).tolist() == out[:, inputs["input_ids"].shape[1] :].tolist()
+
+
 def test_left_padded_batch_with_images_matches_generate(model, images) -> None:
     inputs = pad_batch(ROWS)
     expected = generate_ids(model, inputs, images, STOPS)
