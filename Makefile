@@ -8,7 +8,9 @@
 #
 # GPU users: install the CUDA torch of your choice into .venv first, or override TORCH_SPEC, e.g.
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
-# The default pins the CPU build so that a laptop or CI never pulls a multi-GB CUDA wheel.
+# The default pins the release; on macOS and Windows PyPI's wheel is the CPU build, on Linux it is the CUDA build
+# (multi-GB) unless pip also sees the PyTorch CPU index, e.g. TORCH_SPEC="torch==2.13.0 --extra-index-url
+# https://download.pytorch.org/whl/cpu" (pip prefers 2.13.0+cpu). `make wheelhouse` adds that index itself.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -77,8 +79,23 @@ lint: $(STAMP)
 clean-venv:
 	rm -rf $(VENV) $(FLOOR_VENV)
 
-# For a room without internet: every wheel the course needs (CPU torch included) into wheelhouse/.
+# For a room without internet: every wheel the course needs (CPU torch included) into wheelhouse/ (docs/WORKSHOP.md).
 # Copy the repository with wheelhouse/ to each laptop, then:
 #   python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheelhouse -e ".[dev]"
-wheelhouse: $(STAMP)
-	$(BIN)/python -m pip wheel --quiet --wheel-dir wheelhouse $(TORCH_SPEC) ".[dev]"
+# torch: on Linux, PyPI's torch wheel is the CUDA build and brings ~3 GB of nvidia-* wheels. The PyTorch CPU index
+# serves the same release as X+cpu, which pip prefers (a local version sorts above the plain one), so torch is
+# fetched alone with that index added, checked (scripts/wheelhouse_torch.py stops on a CUDA build) and then
+# pinned by file while everything else comes from the usual registries.
+# BUILD_REQUIRES: pyproject.toml's [build-system] requires; the offline `pip install -e .` builds the package.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+BUILD_REQUIRES  := "setuptools>=77" wheel
+
+wheelhouse:   # needs only pip (not `make setup`, whose torch would be the CUDA build on Linux)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	rm -rf wheelhouse
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir wheelhouse --extra-index-url $(TORCH_CPU_INDEX) $(TORCH_SPEC)
+	torch_wheel=$$($(BIN)/python scripts/wheelhouse_torch.py wheelhouse) && \
+	$(BIN)/python -m pip wheel --quiet --wheel-dir wheelhouse "$$torch_wheel" $(BUILD_REQUIRES) ".[dev]"
+	rm -f wheelhouse/cogagent_nb-*.whl   # the laptops install the package from the copied repository (-e .)
+	@echo "wheelhouse/: $$(ls wheelhouse | wc -l) wheels, $$(du -sh wheelhouse | cut -f1)"

@@ -137,6 +137,9 @@ PUBLIC_API: dict[str, str] = {
     "train_tiny": "cogagent_nb.train.grounding",
     "grounding_report": "cogagent_nb.train.grounding",
     "format_report": "cogagent_nb.train.grounding",
+    # training: lesson 02's experiment, the official mask against the fixed one
+    "compare_masks": "cogagent_nb.train.mask_demo",
+    "stop_probabilities": "cogagent_nb.train.mask_demo",
     # inference and evaluation
     "GuiScore": "cogagent_nb.infer.metrics",
     "score_answer": "cogagent_nb.infer.metrics",
@@ -179,6 +182,7 @@ PUBLIC_API: dict[str, str] = {
     "render_html": "cogagent_nb.viz.loss_mask",
     "plot_loss_mask": "cogagent_nb.viz.loss_mask",
     "plot_token_cells": "cogagent_nb.viz.loss_mask",
+    "plot_stop_probability": "cogagent_nb.viz.loss_mask",
     "mask_browser": "cogagent_nb.viz.loss_mask",
     "draw_prediction": "cogagent_nb.viz.predictions",
     "show_prediction": "cogagent_nb.viz.predictions",

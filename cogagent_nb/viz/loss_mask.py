@@ -10,6 +10,7 @@ an `EncodedSample` (from `cogagent_nb.data.encoding`) for humans:
 - `plot_loss_mask`: one bar per sample over model positions, the image at its true width;
 - `plot_token_cells`: the last tokens of samples as labelled cells, to compare masks token by token;
 - `counts_table_html`: a small table of counts for several samples;
+- `plot_stop_probability`: what training with each mask taught about stopping (`cnb.compare_masks`);
 - `mask_browser`: an ipywidgets slider that steps through samples (works headless: the HTML is
   computed in Python, no browser round trip is needed).
 
@@ -109,8 +110,8 @@ def mask_counts(sample: EncodedSample) -> dict[str, int]:
     }
 
 
-def counts_table_html(rows: Mapping[str, Mapping[str, int]]) -> str:
-    """A small HTML table: one row per named sample, one column per count."""
+def counts_table_html(rows: Mapping[str, Mapping[str, object]]) -> str:
+    """A small HTML table: one row per named sample (or run), one column per count (or value)."""
     if not rows:
         raise ValueError("counts_table_html needs at least one row")
     columns = list(next(iter(rows.values())))
@@ -266,6 +267,42 @@ def plot_token_cells(
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     _legend(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stop_probability(comparison):
+    """What each mask taught about stopping (`cnb.compare_masks`'s result), in two panels.
+
+    Left: P(stop) at the position right after the answer's last token, mean over the held-out samples,
+    at each measured optimizer step, one line per mask, on a log scale. Right: the share of greedy answers to the
+    held-out prompts that ended on a stop token rather than at `max_new_tokens`.
+    """
+    import matplotlib.pyplot as plt
+
+    colours = {"official": "#7f7f7f", "fixed": COLOURS["supervised"]}
+    fig, (curve_ax, bar_ax) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2.2, 1]})
+    for mode, run in comparison.runs.items():
+        steps = [point.step for point in run.curve]
+        curve_ax.plot(steps, [p.p_stop for p in run.curve], marker="o", color=colours.get(mode), label=f"{mode} mask")
+    lowest = min(p.p_stop for run in comparison.runs.values() for p in run.curve)
+    curve_ax.set_yscale("log")  # the official run's fall (1e-3 to 1e-4) is as visible as the fix's rise to ~1
+    curve_ax.set_ylim(min(1e-4, lowest / 2), 2.0)
+    curve_ax.set_xlabel("optimizer step (both runs start from the same weights)")
+    curve_ax.set_ylabel("P(stop) after the answer (log)")
+    curve_ax.set_title(f"held-out samples (mean of {comparison.held_out_samples})", fontsize=10)
+    curve_ax.grid(alpha=0.3)
+    curve_ax.legend(fontsize=9)
+    modes = list(comparison.runs)
+    rates = [comparison.runs[m].stopped_rate for m in modes]
+    bars = bar_ax.bar([f"{m} mask" for m in modes], rates, color=[colours.get(m) for m in modes])
+    for bar, mode in zip(bars, modes):
+        run = comparison.runs[mode]
+        label = f"{sum(run.stopped)}/{len(run.stopped)}"
+        bar_ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, label, ha="center", fontsize=9)
+    bar_ax.set_ylim(0, 1.15)
+    bar_ax.set_ylabel("greedy answers that stop")
+    bar_ax.set_title(f"after {comparison.steps} steps, max_new_tokens={comparison.max_new_tokens}", fontsize=10)
     fig.tight_layout()
     return fig
 
