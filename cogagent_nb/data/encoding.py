@@ -462,6 +462,19 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.conversations)
 
+    def text_lengths(self) -> list[int]:
+        """Token count of each conversation's text (images not opened): what length grouping sorts by."""
+        if not hasattr(self, "_text_lengths"):
+            self._text_lengths = [
+                len(
+                    self.tokenizer.encode(
+                        "".join(str(m.get("content", "")) for m in messages), add_special_tokens=False
+                    )
+                )
+                for messages in (c["messages"] if isinstance(c, Mapping) else c for c in self.conversations)
+            ]
+        return self._text_lengths
+
     def __getitem__(self, index: int) -> EncodedSample:
         return encode_conversation(
             self.conversations[index],

@@ -93,6 +93,31 @@ class CogAgentTrainer(Seq2SeqTrainer):
         self.references = references or {}
         self.step_losses: list[tuple[int, float]] = []  # (global step, loss) as logged, for curves and tests
 
+    # --- batches of similar length ---------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        """`train_sampling_strategy: group_by_length` with lengths read from the text, not from encoded items.
+
+        The Trainer's own `LengthGroupedSampler` would encode every sample (screenshots included) to learn its
+        length. Every sample carries exactly one image, so the text length orders samples as their spliced
+        length does; `ConversationDataset.text_lengths` counts it without opening an image. Batches of similar
+        length waste less compute on padding (docs/BENCHMARKS.md, "batch 4, mixed lengths").
+        """
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(self.args, "train_sampling_strategy", None) == "group_by_length" and hasattr(
+            dataset, "text_lengths"
+        ):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(group, lengths=dataset.text_lengths())
+        return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation keeps the file's order under length grouping (answers are matched to references by index)."""
+        if getattr(self.args, "train_sampling_strategy", None) == "group_by_length":
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset)
+
     # --- loss ------------------------------------------------------------------------------------------------
     def compute_loss(
         self,
