@@ -327,6 +327,8 @@ def run_inference_case(case: Case, config: CogAgentConfig, args: argparse.Namesp
         inputs.pop("labels")
         ids = {}
         for suffix, decode in DECODE_PATHS.items():
+            if suffix == "_compiled" and device.type != "cuda":
+                continue  # Inductor's CPU build of the step is slow to compile and not what is measured
             reset_memory(device)
             decode_s, fixed_s, ids[suffix] = decode_seconds_per_step(decode, model, inputs, args.new_tokens, device)
             result[f"decode_tok_s_bs{rows}{suffix}"] = round(rows / decode_s, 1)
@@ -339,6 +341,8 @@ def run_inference_case(case: Case, config: CogAgentConfig, args: argparse.Namesp
         inputs = synthetic_batch(config, 1, args.seq_len, device, args.torch_dtype, args.seed)
         inputs.pop("labels")
         for suffix, decode in DECODE_PATHS.items():
+            if suffix == "_compiled" and device.type != "cuda":
+                continue
             result[f"profile{suffix}"] = profile(
                 lambda decode=decode: decode(model, inputs, 16), device, args.profile_dir / f"decode{suffix}", 16
             )
@@ -358,7 +362,7 @@ def generate(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torch.Ten
     return out[:, inputs["input_ids"].shape[1] :]
 
 
-def static_decode(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
+def static_decode(model: torch.nn.Module, inputs: dict, new_tokens: int, compile_step: bool = False) -> torch.Tensor:
     """The "after" path: the static KV-cache decoder, a CUDA graph replay per token on a GPU.
 
     `generate` above never stops (min_new_tokens = new_tokens sets the stop ids' scores to -inf); the
@@ -378,11 +382,18 @@ def static_decode(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torc
         pad_token_id=config.pad_token_id,
         suppress_ids=(config.boi_token_id, config.eoi_token_id, *eos),
         use_graph=device.type == "cuda",
+        compile_step=compile_step,
     )
+
+
+def static_decode_compiled(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
+    """The static decoder with its step compiled (`greedy_generate(compile_step=True)`), opt-in."""
+    return static_decode(model, inputs, new_tokens, compile_step=True)
 
 
 DECODE_PATHS: dict[str, Callable[[torch.nn.Module, dict, int], torch.Tensor]] = {
     "": static_decode,  # decode_tok_s_bs1: what `generate_answers` runs for greedy answers
+    "_compiled": static_decode_compiled,  # decode_tok_s_bs1_compiled: the same, step through torch.compile
     "_generate": generate,  # decode_tok_s_bs1_generate: the path it replaced
 }
 

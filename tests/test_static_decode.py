@@ -208,3 +208,19 @@ def test_cuda_graph_replay_equals_the_eager_step(model, images) -> None:
     graphed = static_ids(cuda, inputs, images.cuda(), STOPS, use_graph=True)
     assert graphed.tolist() == eager.tolist()
     assert graphed.tolist() == generate_ids(cuda, inputs, images.cuda(), STOPS).tolist()
+
+
+@pytest.mark.slow
+def test_compiled_step_decodes_as_the_eager_step(model, images) -> None:
+    """`compile_step=True` (torch.compile of the step, opt-in) changes speed, not tokens (fp32, CPU here)."""
+    inputs = pad_batch(ROWS)
+    compiled = static_ids(model, inputs, images, STOPS, use_graph=False, compile_step=True)
+    assert compiled.tolist() == static_ids(model, inputs, images, STOPS, use_graph=False).tolist()
+
+
+@pytest.mark.gpu
+def test_compiled_step_in_a_cuda_graph_decodes_as_generate(model, images) -> None:
+    cuda = copy.deepcopy(model).cuda()
+    inputs = {k: v.cuda() for k, v in pad_batch(ROWS).items()}
+    graphed = static_ids(cuda, inputs, images.cuda(), STOPS, use_graph=True, compile_step=True)
+    assert graphed.tolist() == generate_ids(cuda, inputs, images.cuda(), STOPS).tolist()

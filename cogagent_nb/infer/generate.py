@@ -329,6 +329,7 @@ def _generate_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], kwar
     (a CUDA graph per token, `static_decode.py`), otherwise (sampling, prefix tuning, a stand-in, the
     switch `SPEEDUPS.static_decode` off) through `model.generate`."""
     from cogagent_nb.infer.static_decode import greedy_generate, static_decoder_for
+    from cogagent_nb.model.modeling import SPEEDUPS
 
     native = None if kwargs["do_sample"] else static_decoder_for(model)
     if native is not None:
@@ -338,6 +339,7 @@ def _generate_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], kwar
             max_new_tokens=kwargs["max_new_tokens"],
             stop_ids=kwargs["eos_token_id"],
             pad_token_id=kwargs["pad_token_id"],
+            compile_step=SPEEDUPS.compile_decode_step and batch["input_ids"].device.type == "cuda",
         )
     with torch.no_grad():
         output = model.generate(**batch, **kwargs)

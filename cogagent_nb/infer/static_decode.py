@@ -188,6 +188,23 @@ def decode_step(
     cache.write_at.add_(1)
 
 
+_COMPILED_STEP: Callable[..., None] | None = None
+
+
+def compiled_decode_step() -> Callable[..., None]:
+    """`decode_step` through `torch.compile` (made once per process), for `greedy_generate(compile_step=True)`.
+
+    What it buys: Inductor fuses the ~25 small elementwise kernels a layer (RoPE, RMSNorm's fp32 pieces,
+    residual adds) that the graph otherwise still runs one by one (docs/BENCHMARKS.md, decode profile).
+    What it costs: a compilation per new shape (batch size, cache length), tens of seconds on the 9B, so
+    it pays for long serving or evaluation runs, not for one answer; hence opt-in.
+    """
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(decode_step, dynamic=False)
+    return _COMPILED_STEP
+
+
 # --- running the steps ------------------------------------------------------------------------------------------
 def run_eager(step: Callable[[], None], state: DecodeState, steps: int, check_every: int) -> None:
     """Call `step` up to `steps` times; stop early once every row is done (looked at every `check_every`)."""
@@ -247,6 +264,7 @@ def greedy_generate(
     suppress_ids: Sequence[int] | None = None,
     use_graph: bool | None = None,
     check_every: int = 8,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """New token ids (B, T), T <= max_new_tokens: what `model.generate(do_sample=False)` appends.
 
@@ -259,6 +277,7 @@ def greedy_generate(
     suppress_ids: ids never chosen; default the image markers (`ImageMarkerSuppressor`).
     use_graph: replay a CUDA graph (default: on a CUDA device with the model in eval mode and on one
       device); False runs the same step eagerly.
+    compile_step: run the step through `torch.compile` first (`compiled_decode_step`); opt-in.
     """
     native = static_decoder_for(model) if not isinstance(model, CogAgentForConditionalGeneration) else model
     if native is None:
@@ -304,7 +323,8 @@ def greedy_generate(
 
     steps = max_new_tokens - 1
     if steps > 0 and not bool(state.done.all()):
-        step = lambda: decode_step(native, cache, state, rules)  # noqa: E731
+        step_fn = compiled_decode_step() if compile_step else decode_step
+        step = lambda: step_fn(native, cache, state, rules)  # noqa: E731
         graph = _captured(step, state, cache, use_graph) if _graph_wanted(native, device, use_graph) else None
         if graph is not None:
             run_graph(graph, state, steps, check_every)

@@ -72,12 +72,18 @@ class Speedups:
     - static_decode: greedy `generate_answers` decodes with a static KV cache, one CUDA graph replay per
       token (`infer/static_decode.py`), instead of `GenerationMixin.generate` (host-bound: ~1,600
       eager launches and several host synchronisations per token).
+    - compile_decode_step (off): that decode step also goes through `torch.compile`, which fuses its
+      small elementwise kernels: on one H200 (9B, bf16) 164 tokens/s at batch 1 and 1,144 at batch 8
+      against 99 and 718 without (docs/BENCHMARKS.md, run 6). Off by default because each new
+      (batch size, cache length) compiles anew, tens of seconds each on the 9B: it pays for serving
+      and long evaluations on a GPU, not for a few answers. Used on CUDA only.
     """
 
     supervised_loss: bool = True
     frozen_vision_no_grad: bool = True
     expand_kv_with_mask: bool = False
     static_decode: bool = True
+    compile_decode_step: bool = False
 
 
 SPEEDUPS = Speedups()
