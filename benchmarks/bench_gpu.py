@@ -29,8 +29,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,18 +93,9 @@ CASES: tuple[Case, ...] = (
 )
 
 
-@contextlib.contextmanager
-def speedups(on: bool) -> Iterator[None]:
-    """Switch every `modeling.SPEEDUPS` flag for the duration of a case."""
-    names = list(vars(modeling.SPEEDUPS))
-    saved = {name: getattr(modeling.SPEEDUPS, name) for name in names}
-    for name in names:
-        setattr(modeling.SPEEDUPS, name, on)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(modeling.SPEEDUPS, name, value)
+def speedups(on: bool):
+    """Every `modeling.SPEEDUPS` switch on (or off) for the duration of a case."""
+    return modeling.SPEEDUPS.switched(**{f.name: on for f in dataclasses.fields(modeling.SPEEDUPS)})
 
 
 # --- FLOPs (issue 9's formula) ------------------------------------------------------------------------------
@@ -326,9 +317,7 @@ def run_inference_case(case: Case, config: CogAgentConfig, args: argparse.Namesp
         inputs = synthetic_batch(config, rows, args.seq_len, device, args.torch_dtype, args.seed + rows)
         inputs.pop("labels")
         ids = {}
-        for suffix, decode in DECODE_PATHS.items():
-            if suffix == "_compiled" and device.type != "cuda":
-                continue  # Inductor's CPU build of the step is slow to compile and not what is measured
+        for suffix, decode in decode_paths(device).items():
             reset_memory(device)
             decode_s, fixed_s, ids[suffix] = decode_seconds_per_step(decode, model, inputs, args.new_tokens, device)
             result[f"decode_tok_s_bs{rows}{suffix}"] = round(rows / decode_s, 1)
@@ -340,9 +329,7 @@ def run_inference_case(case: Case, config: CogAgentConfig, args: argparse.Namesp
     if args.profile_dir and case.name in args.profile:
         inputs = synthetic_batch(config, 1, args.seq_len, device, args.torch_dtype, args.seed)
         inputs.pop("labels")
-        for suffix, decode in DECODE_PATHS.items():
-            if suffix == "_compiled" and device.type != "cuda":
-                continue
+        for suffix, decode in decode_paths(device).items():
             result[f"profile{suffix}"] = profile(
                 lambda decode=decode: decode(model, inputs, 16), device, args.profile_dir / f"decode{suffix}", 16
             )
@@ -396,6 +383,12 @@ DECODE_PATHS: dict[str, Callable[[torch.nn.Module, dict, int], torch.Tensor]] = 
     "_compiled": static_decode_compiled,  # decode_tok_s_bs1_compiled: the same, step through torch.compile
     "_generate": generate,  # decode_tok_s_bs1_generate: the path it replaced
 }
+
+
+def decode_paths(device: torch.device) -> dict[str, Callable[[torch.nn.Module, dict, int], torch.Tensor]]:
+    """`DECODE_PATHS` measured on `device`: the compiled step only on CUDA (Inductor's CPU build of the
+    step is slow to compile and not what is measured)."""
+    return {k: v for k, v in DECODE_PATHS.items() if k != "_compiled" or device.type == "cuda"}
 
 
 def decode_seconds_per_step(

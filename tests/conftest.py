@@ -74,6 +74,21 @@ def _tiny_ids() -> TinyIds:
 TINY = _tiny_ids()
 
 
+def greedy_test_model():
+    """A random tiny model (seed 0) for generation tests, in eval mode.
+
+    A larger init spread than the preset's makes its greedy choices well separated and non-repetitive.
+    """
+    import torch
+
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = CogAgentConfig.from_preset("tiny", initializer_range=0.2)
+    return CogAgentForConditionalGeneration(config).eval()
+
+
 def make_prompt(text: list[int], image_at: int = 1) -> list[int]:
     """[gMASK]<sop><|user|> + text[:image_at] + boi placeholder eoi + text[image_at:] + <|assistant|>."""
     return [

@@ -6,18 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogagent_nb.model.configuration import CogAgentConfig
 from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
-from conftest import TINY, cache_of, make_prompt, pad_batch
+from conftest import TINY, cache_of, greedy_test_model, make_prompt, pad_batch
 
 
 @pytest.fixture(scope="module")
 def model() -> CogAgentForConditionalGeneration:
-    torch.manual_seed(0)
-    # A larger init spread makes the random model's greedy choices well separated and non-repetitive.
-    config = CogAgentConfig.from_preset("tiny", initializer_range=0.2)
-    return CogAgentForConditionalGeneration(config).eval()
+    return greedy_test_model()
 
 
 @pytest.fixture(scope="module")

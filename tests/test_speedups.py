@@ -6,9 +6,6 @@ Each measure is switched off and on around the same inputs and the same weights;
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -20,19 +17,6 @@ from cogagent_nb.model.modeling import (
     selective_checkpointing,
     supervised_lm_loss,
 )
-
-
-@contextmanager
-def speedups(**switches: bool) -> Iterator[None]:
-    saved = {name: getattr(modeling.SPEEDUPS, name) for name in switches}
-    for name, value in switches.items():
-        setattr(modeling.SPEEDUPS, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(modeling.SPEEDUPS, name, value)
-
 
 ALL_OFF = {"supervised_loss": False, "frozen_vision_no_grad": False, "expand_kv_with_mask": False}
 
@@ -79,9 +63,9 @@ def test_training_step_matches_the_plain_path_and_skips_the_logits(config: CogAg
     torch.manual_seed(0)
     model = CogAgentForConditionalGeneration(config).train()
     inputs = batch(config)
-    with speedups(**ALL_OFF):
+    with modeling.SPEEDUPS.switched(**ALL_OFF):
         plain_loss, plain_grads = loss_and_grads(model, inputs)
-    with speedups(expand_kv_with_mask=True):  # every measure on
+    with modeling.SPEEDUPS.switched(expand_kv_with_mask=True):  # every measure on
         fast_loss, fast_grads = loss_and_grads(model, inputs)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain_grads.keys() == fast_grads.keys()
@@ -97,7 +81,7 @@ def test_a_frozen_vision_tower_keeps_no_graph_and_gives_the_same_gradients(confi
     model = CogAgentForConditionalGeneration(config).train()
     model.transformer.vision.requires_grad_(False)
     inputs = batch(config)
-    with speedups(frozen_vision_no_grad=False):
+    with modeling.SPEEDUPS.switched(frozen_vision_no_grad=False):
         plain_loss, plain_grads = loss_and_grads(model, inputs)
     seen: list[bool] = []
     hook = model.transformer.vision.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
@@ -117,9 +101,9 @@ def test_expanded_kv_with_a_padding_mask_equals_enable_gqa(config: CogAgentConfi
     mask[1, :4] = 0  # left padding in front of row 1's prompt (the image sits after it)
     inputs["input_ids"][1, :3] = config.pad_token_id
     with torch.no_grad():
-        with speedups(expand_kv_with_mask=False):
+        with modeling.SPEEDUPS.switched(expand_kv_with_mask=False):
             grouped = model(**inputs, attention_mask=mask).logits
-        with speedups(expand_kv_with_mask=True):
+        with modeling.SPEEDUPS.switched(expand_kv_with_mask=True):
             expanded = model(**inputs, attention_mask=mask).logits
     torch.testing.assert_close(expanded, grouped)
 
@@ -135,3 +119,13 @@ def test_selective_checkpointing_gives_the_same_loss_and_gradients(config: CogAg
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, msg=name)
+
+
+def test_switched_restores_the_switches_and_rejects_unknown_names() -> None:
+    before = modeling.SPEEDUPS.supervised_loss
+    with modeling.SPEEDUPS.switched(supervised_loss=not before):
+        assert modeling.SPEEDUPS.supervised_loss is (not before)
+    assert modeling.SPEEDUPS.supervised_loss is before
+    with pytest.raises(AttributeError, match="supervised_los"):
+        with modeling.SPEEDUPS.switched(supervised_los=False):
+            pass

@@ -12,10 +12,9 @@ import torch
 
 from cogagent_nb.infer.static_decode import greedy_generate, static_decoder_for
 from cogagent_nb.model import modeling
-from cogagent_nb.model.configuration import CogAgentConfig
 from cogagent_nb.model.modeling import CogAgentForConditionalGeneration
 
-from conftest import TINY, make_prompt, pad_batch
+from conftest import TINY, greedy_test_model, make_prompt, pad_batch
 
 NEW = 12
 STOPS = [TINY.eos, TINY.user]
@@ -29,10 +28,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def model() -> CogAgentForConditionalGeneration:
-    torch.manual_seed(0)
-    # A larger init spread makes the random model's greedy choices well separated and non-repetitive.
-    config = CogAgentConfig.from_preset("tiny", initializer_range=0.2)
-    return CogAgentForConditionalGeneration(config).eval()
+    return greedy_test_model()
 
 
 @pytest.fixture(scope="module")

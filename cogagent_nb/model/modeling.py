@@ -27,8 +27,9 @@ Notable features, in the order of this file:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
@@ -84,6 +85,21 @@ class Speedups:
     expand_kv_with_mask: bool = False
     static_decode: bool = True
     compile_decode_step: bool = False
+
+    @contextlib.contextmanager
+    def switched(self, **switches: bool) -> Iterator[None]:
+        """Set the named switches for a `with` block, then put the previous values back (benchmarks, tests)."""
+        unknown = set(switches) - {f.name for f in fields(self)}
+        if unknown:
+            raise AttributeError(f"no speed switch named {sorted(unknown)}")
+        saved = {name: getattr(self, name) for name in switches}
+        for name, value in switches.items():
+            setattr(self, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
 
 SPEEDUPS = Speedups()

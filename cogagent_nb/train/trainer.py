@@ -110,7 +110,7 @@ class CogAgentTrainer(Seq2SeqTrainer):
 
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(group, lengths=dataset.text_lengths())
-        return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+        return super()._get_train_sampler(train_dataset)
 
     def _get_eval_sampler(self, eval_dataset):
         """Evaluation keeps the file's order under length grouping (answers are matched to references by index)."""

@@ -108,17 +108,25 @@ def compare_predictions(
     return fig
 
 
+def _panel_grid(count: int, columns: int, panel_size: tuple[float, float]) -> tuple[plt.Figure, Any]:
+    """A figure of `count` screenshot panels, `columns` wide at most, axes off (empty panels stay blank)."""
+    import matplotlib.pyplot as plt
+
+    columns = max(1, min(columns, count))
+    n_rows = max(1, -(-count // columns))
+    width, height = panel_size
+    fig, axes = plt.subplots(n_rows, columns, figsize=(width * columns, height * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
+
+
 # --- evaluation figures ------------------------------------------------------------------------------------
 def show_box_predictions(report: EvaluationReport, *, limit: int = 8, columns: int = 4) -> plt.Figure:
     """Predicted (green hit / orange miss) against target (red) boxes on the first `limit` samples with a box."""
-    import matplotlib.pyplot as plt
 
     rows = [row for row in report.rows if row.target_box is not None][:limit]
-    columns = max(1, min(columns, len(rows)))
-    n_rows = max(1, -(-len(rows) // columns))
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 3.4 * n_rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _panel_grid(len(rows), columns, (4.2, 3.4))
     for ax, row in zip(axes.flat, rows):
         with Image.open(row.image_path) as image:
             picture = draw_prediction(image, row.predicted_box, target=row.target_box)
@@ -190,14 +198,9 @@ def plot_confusion(confusion: dict[str, dict[str, int]], *, ax: Any = None) -> A
 # --- agent episodes ----------------------------------------------------------------------------------------
 def show_episode_run(run: EpisodeRun, *, columns: int = 4) -> plt.Figure:
     """One panel per agent step: the screen, the target (red), the model's box (green/orange), the verdict."""
-    import matplotlib.pyplot as plt
 
     steps = run.steps
-    columns = max(1, min(columns, len(steps)))
-    n_rows = max(1, -(-len(steps) // columns))
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.4 * columns, 3.9 * n_rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _panel_grid(len(steps), columns, (4.4, 3.9))
     for ax, step in zip(axes.flat, steps):
         prediction = step.prediction
         ax.imshow(draw_prediction(prediction.image, prediction.box, target=step.expected.box))
