@@ -66,6 +66,10 @@ def test_renamed_training_arguments_are_accepted_with_a_warning(tmp_path):
             "training_args:\n  output_dir: x\n  learning_rat: 0.1\n",
             r"my\.yaml: unknown key 'training_args\.learning_rat' \(did you mean 'learning_rate'\?\)",
         ),
+        (
+            "training_args:\n  output_dir: x\n  group_by_length: true\n",
+            r"'training_args\.group_by_length': transformers 5 replaced it by `train_sampling_strategy: group_by_length`",
+        ),
         ("peft_config:\n  peft_type: LORA\n  rank: 8\n", r"my\.yaml: unknown key 'peft_config\.rank' for LORA"),
         ("peft_config:\n  peft_type: IA3\n", r"peft_config\.peft_type: 'IA3' is not one of"),
         ("lora_scope: vision\n", r"lora_scope: 'vision' is not one of both, language"),

@@ -62,6 +62,11 @@ RENAMED_TRAINING_ARGS = {
 }
 """Old Seq2SeqTrainingArguments names -> the transformers-5 name they were replaced by."""
 
+REPLACED_TRAINING_ARGS = {
+    "group_by_length": "transformers 5 replaced it by `train_sampling_strategy: group_by_length`",
+}
+"""Old keys whose transformers-5 successor takes a different value: the error says what to write instead."""
+
 PEFT_TYPES = ("LORA", "PREFIX_TUNING")
 LORA_SCOPES = ("both", "language")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -268,9 +273,9 @@ def check_training_args(raw: Any, source: str) -> dict[str, Any]:
             if name in raw:
                 raise ConfigError(f"{source}: training_args: both {key!r} and its new name {name!r} are set")
         if name not in fields:
+            hint = f": {REPLACED_TRAINING_ARGS[key]}" if key in REPLACED_TRAINING_ARGS else _did_you_mean(key, fields)
             raise ConfigError(
-                f"{source}: unknown key 'training_args.{key}'{_did_you_mean(key, fields)} "
-                "(not a Seq2SeqTrainingArguments field)"
+                f"{source}: unknown key 'training_args.{key}'{hint} (not a Seq2SeqTrainingArguments field)"
             )
         if name == "generation_config" and isinstance(value, dict):
             valid = set(GenerationConfig().to_dict())
