@@ -81,3 +81,23 @@ def test_the_tiny_preset_puts_image_vectors_at_the_text_scale() -> None:
     ratio = image.norm(dim=-1).mean() / text.norm(dim=-1).mean()
     assert 0.3 < ratio < 3, ratio
     assert CogAgentConfig.from_preset("cogagent-9b-20241220").vision_config.scaling_factor == 8  # 9B untouched
+
+
+def test_stream_workers_share_out_the_episodes_without_repeats(tiny_model_dir, monkeypatch) -> None:
+    """Worker w of n renders episodes start + w, start + w + n, ...: all workers together see each episode once."""
+    from types import SimpleNamespace
+
+    tokenizer, model = cnb.load(tiny_model_dir)
+    stream = g.EpisodeStream(tokenizer, model.config.num_image_tokens, 4, start=10, steps=False, grounding_per_step=1)
+    seen = {}
+    for worker in range(3):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=3))
+        names = []
+        for sample in stream._encoded():
+            if sample.name not in names:
+                names.append(sample.name)
+            if len(names) == 3:
+                break
+        seen[worker] = names
+    assert seen[1] == [f"seed {g.TRAIN_SEED} episode {i}" for i in (11, 14, 17)]
+    assert len({name for names in seen.values() for name in names}) == 9  # no episode twice

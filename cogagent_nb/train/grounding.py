@@ -91,7 +91,10 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         self.collate = TrainingCollator(tokenizer)
 
     def _encoded(self) -> Iterator[EncodedSample]:
-        index = self.start
+        # In DataLoader workers, worker w of n renders episodes start + w, start + w + n, ...: together
+        # the same fresh, never-repeated episodes as one process, rendered n times as fast.
+        worker = torch.utils.data.get_worker_info()
+        index, stride = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
         while True:
             for conversation in episode_conversations(
                 self.seed, index, 1, grounding_per_step=self.grounding_per_step, steps=self.steps
@@ -103,7 +106,7 @@ class EpisodeStream(torch.utils.data.IterableDataset):
                     name=f"seed {self.seed} episode {index}",
                     **self.encode_kwargs,
                 )
-            index += 1
+            index += stride
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(self.seed)
@@ -147,6 +150,8 @@ def train_tiny(
     grounding_first: float = 0.0,
     clock: str = "cpu",
     log_every: int = 25,
+    device: str | torch.device | None = None,
+    workers: int = 0,
     **encode_kwargs: Any,
 ) -> TrainingLog:
     """Full fine-tuning on `EpisodeStream` for `minutes` (or `max_steps`), then eval mode.
@@ -159,6 +164,11 @@ def train_tiny(
     most 10 wall minutes on an idle 2-core laptop. "wall" counts wall time.
     The learning rate warms up linearly, then follows a cosine to 10% over the budget, so a slower
     machine takes fewer steps but still ends on a small learning rate.
+
+    device: where the model trains (None: where it is). workers: DataLoader processes that render the
+    episodes (0: in this process). Both are for measuring what far more data would buy (a GPU run of
+    `benchmarks/bench_learning.py --device cuda --workers 14`); the course trains on the CPU with neither.
+    With workers, use clock="wall": the CPU clock counts only this process.
     """
     torch.manual_seed(seed)
     stream = EpisodeStream(
@@ -178,9 +188,13 @@ def train_tiny(
         steps=False,
         **encode_kwargs,
     )
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    loader = dict(batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     phases = (
-        iter(torch.utils.data.DataLoader(grounding, batch_size=None)),
-        iter(torch.utils.data.DataLoader(stream, batch_size=None)),
+        iter(torch.utils.data.DataLoader(grounding, **loader)) if grounding_first > 0 else iter(()),
+        iter(torch.utils.data.DataLoader(stream, **loader)),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     now = {"cpu": time.process_time, "wall": time.perf_counter}[clock]
@@ -192,6 +206,7 @@ def train_tiny(
             break
         progress = elapsed / budget if max_steps is None else log.steps / max_steps
         batch = next(phases[0] if progress < grounding_first else phases[1])
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         warm = min(1.0, (log.steps + 1) / warmup_steps)
         scale = warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         for group in optimizer.param_groups:
