@@ -189,6 +189,7 @@ PUBLIC_API: dict[str, str] = {
     "compare_predictions": "cogagent_nb.viz.predictions",
     "show_box_predictions": "cogagent_nb.viz.predictions",
     "plot_scores": "cogagent_nb.viz.predictions",
+    "plot_learning_report": "cogagent_nb.viz.predictions",
     "plot_confusion": "cogagent_nb.viz.predictions",
     "show_episode_run": "cogagent_nb.viz.predictions",
     "prediction_image": "cogagent_nb.viz.predictions",

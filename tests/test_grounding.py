@@ -101,3 +101,35 @@ def test_stream_workers_share_out_the_episodes_without_repeats(tiny_model_dir, m
         seen[worker] = names
     assert seen[1] == [f"seed {g.TRAIN_SEED} episode {i}" for i in (11, 14, 17)]
     assert len({name for names in seen.values() for name in names}) == 9  # no episode twice
+
+
+def test_learning_report_plot_has_a_bar_per_row_and_metric_and_the_text_only_line(tmp_path) -> None:
+    from cogagent_nb.viz.predictions import LEARNING_METRICS, plot_learning_report
+
+    def row(parse: float, click: float, kind: float) -> dict:
+        return {"parse_rate": parse, "click_in_box": click, "type_accuracy": kind}
+
+    results = {
+        "text-only guess": row(1.0, 0.17, 1.0),
+        "blank image": row(0.9, 0.18, 0.85),
+        "trained": row(1.0, 0.2, 0.99),
+    }
+    ax = plot_learning_report(results)
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    # the text-only guess copies the reference action: only its click-in-box bar is drawn
+    assert len(ax.patches) == 2 * len(LEARNING_METRICS) + 1
+    assert heights == sorted([0.9, 0.18, 0.85, 1.0, 0.2, 0.99, 0.17])
+    assert [line.get_ydata()[0] for line in ax.lines] == [0.17]  # the dashed text-only level
+    ax.figure.savefig(tmp_path / "learning.png")
+
+
+def test_lesson_07_trains_for_the_course_minutes() -> None:
+    """The notebook's `learning_minutes` default is `COURSE_MINUTES["notebook"]` (the two must not drift)."""
+    import json
+    from pathlib import Path
+
+    notebook = json.loads((Path(__file__).parents[1] / "notebooks" / "07_inference.ipynb").read_text())
+    cell = next(c for c in notebook["cells"] if "parameters" in c["metadata"].get("tags", []))
+    parameters: dict = {}
+    exec("".join(cell["source"]), parameters)
+    assert parameters["learning_minutes"] == g.COURSE_MINUTES["notebook"]

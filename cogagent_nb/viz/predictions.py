@@ -168,6 +168,47 @@ def plot_scores(report: EvaluationReport, *, metrics: Sequence[str] | None = Non
     return fig
 
 
+LEARNING_METRICS: dict[str, str] = {
+    "parse_rate": "parse",
+    "type_accuracy": "action type",
+    "click_in_box": "click-in-box",
+}
+BOX_ONLY_ROWS: tuple[str, ...] = ("most common box", "text-only guess")
+"""Rows of a learning report that copy the reference answer and replace only its box: their parse and
+action-type rates are 100% by construction, so only their click-in-box bar is drawn."""
+
+
+def plot_learning_report(results: dict[str, dict], *, ax: Any = None) -> Any:
+    """Bars of `train.grounding.grounding_report`: parse, action type and click-in-box for each row.
+
+    A dashed line marks the text-only guess's click-in-box: a model grounds its clicks in the screenshot
+    only when its bar rises above that line and its blank-image bar falls back to it. The screenshot-free
+    guesses get a click-in-box bar only (`BOX_ONLY_ROWS`). Each row keeps its colour in every group.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.8))
+    colours = {row: f"C{i}" for i, row in enumerate(results)}
+    width = 0.8 / len(results)
+    for x, metric in enumerate(LEARNING_METRICS):
+        rows = [row for row in results if metric == "click_in_box" or row not in BOX_ONLY_ROWS]
+        for i, row in enumerate(rows):
+            value = results[row][metric] or 0.0
+            position = x + (i - (len(rows) - 1) / 2) * width
+            bars = ax.bar(position, value, width=width, color=colours[row], label=row if x == 2 else None)
+            ax.bar_label(bars, labels=[f"{value:.0%}"], fontsize=7, padding=1)
+    if "text-only guess" in results:
+        level = results["text-only guess"]["click_in_box"] or 0.0
+        ax.axhline(level, color="black", linestyle="--", linewidth=0.8)
+        ax.text(0.005, level, " text-only level", transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
+    ax.set_xticks(range(len(LEARNING_METRICS)), list(LEARNING_METRICS.values()))
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=7, ncol=len(results), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.figure.tight_layout()
+    return ax
+
+
 def _short(name: str) -> str:
     return name.replace("-Operation", "-Op").replace("-Sensitive", "-Sens")
 
