@@ -65,6 +65,7 @@ def test_train_tiny_lowers_the_loss_and_ends_in_eval_mode(tiny_model_dir) -> Non
     tokenizer, model = cnb.load(tiny_model_dir)
     log = g.train_tiny(model, tokenizer, minutes=5, max_steps=12, batch_size=4, learning_rate=3e-3, log_every=0)
     assert log.steps == 12 and log.samples == 48
+    assert log.summary().startswith("12 steps, 48 fresh samples") and f"{log.losses[0]:.2f} ->" in log.summary()
     assert sum(log.losses[-3:]) / 3 < sum(log.losses[:3]) / 3
     assert not model.training
 

@@ -136,6 +136,16 @@ class TrainingLog:
     wall_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
 
+    def summary(self, last: int = 10) -> str:
+        """One line: steps, samples, wall seconds, and the first loss against the mean of the `last` ones."""
+        if not self.losses:
+            return "no steps taken"
+        tail = self.losses[-last:]
+        return (
+            f"{self.steps} steps, {self.samples} fresh samples in {self.wall_seconds:.0f} s; "
+            f"loss {self.losses[0]:.2f} -> {sum(tail) / len(tail):.2f}"
+        )
+
 
 def train_tiny(
     model,
