@@ -1,0 +1,299 @@
+"""Can the tiny CogAgent learn to *say where* something is on its screenshot? Learning curves in steps.
+
+Issue 10 asks the course's tiny model to click inside the right box. On GUI episodes it stays at the
+level of a guess from the task text (`bench_learning.py`). This benchmark takes the question apart with
+graded tasks, all answered the way the agent answers ("Action: Click the 'X' element." then
+`CLICK(box=[[x1,y1,x2,y2]], ...)` in thousandths), from easiest to the course's own:
+
+  rectangle   one white rectangle (24-56 x 20-44 px) anywhere on a black 224-px image, "Click 'box'."
+  labelled    --objects coloured rectangles on white, each in the colour of an app of `screens.STYLE`
+              (Mail blue, Music red, ...); the task names one: the model must tell them apart by colour
+  gui         "click X" on the synthetic GUI screens (`synthetic.grounding_samples`, fresh episodes)
+  episodes    the course's mix: episode steps plus two "click X" samples per screen
+
+and two initialisations of the tiny preset:
+
+  preset      as `cogagent_nb.make_tiny_model` writes it
+  readable    the vision tower started so that a box can be read out of its vectors (docs/BENCHMARKS.md,
+              "Where it stalls"): smooth 2-D sin-cos patch positions, vision layers starting as the
+              identity (sublayer-norm gains 0), the adapter (2x2 conv and GLU) drawn at std 1/sqrt(fan-in),
+              and the image vectors rescaled to norm 0.3
+
+At each step in --evals it scores greedy answers on held-out samples (fixed seeds, never trained on):
+click-in-box with the real screenshot and with a white one. Prints a table and writes JSON (--json).
+Examples:
+  python benchmarks/bench_readout.py --task rectangle --steps 600 --evals 300,600        # a CPU probe
+  python benchmarks/bench_readout.py --task rectangle --device cuda --workers 2 --batch-size 32 \
+      --steps 4000 --evals 1000,2000,4000 --json runs/readout-rectangle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from cogagent_nb.data import screens  # noqa: E402
+from cogagent_nb.data.actions import Action, Answer, format_answer  # noqa: E402
+from cogagent_nb.data.boxes import from_pixels  # noqa: E402
+from cogagent_nb.data.encoding import TrainingCollator, encode_conversation  # noqa: E402
+from cogagent_nb.data.images import image_to_tensor  # noqa: E402
+from cogagent_nb.data.prompts import build_prompt  # noqa: E402
+from cogagent_nb.train import grounding as g  # noqa: E402
+
+TASKS = ("rectangle", "labelled", "gui", "episodes")
+APPS = ("Mail", "Music", "Files", "Maps", "Photos", "Browser")  # distinct colours in screens.STYLE
+SIZE = 224  # the tiny tower's image size; the rectangle tasks draw at it, so no resize blurs the edges
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, default="rectangle")
+    parser.add_argument("--init", choices=("preset", "readable"), default="readable")
+    parser.add_argument("--objects", type=int, default=3, help="rectangles on a 'labelled' screen")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--evals", default="300,600", help="steps after which to score, comma-separated")
+    parser.add_argument("--eval-samples", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes that draw the samples")
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    args.evals = sorted({int(step) for step in args.evals.split(",")})
+    if args.evals[-1] > args.steps:
+        parser.error(f"--evals {args.evals[-1]} is after the last step ({args.steps})")
+    return args
+
+
+# --- the readable initialisation ----------------------------------------------------------------------------
+def smooth_positions(grid: int, width: int, norm: float = 8.0) -> torch.Tensor:
+    """A (grid*grid, width) table of 2-D sin-cos positions, row-major like the patches.
+
+    width/4 frequencies per axis, the lowest half a period across the grid (so it is monotonic: it says
+    left or right half, top or bottom), each row scaled to `norm`. Neighbouring patches get similar vectors,
+    so "where" can be read from a vector by a smooth function instead of learnt patch by patch.
+    """
+    gy, gx = torch.meshgrid(torch.arange(float(grid)), torch.arange(float(grid)), indexing="ij")
+    x, y = gx.flatten()[:, None], gy.flatten()[:, None]
+    freq = (torch.arange(width // 4) + 1) * math.pi / (2 * grid)
+    table = torch.cat([(x * freq).cos(), (x * freq).sin(), (y * freq).cos(), (y * freq).sin()], dim=1)
+    return table * norm / table.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def make_readable(model, image_norm: float = 0.3) -> None:
+    """Start the vision tower so that a box can be read from its output in a few hundred steps."""
+    vision = model.transformer.vision
+    positions = vision.patch_embedding.position_embedding.weight  # (1 + grid^2, width): cls first
+    grid = round((positions.shape[0] - 1) ** 0.5)
+    positions[1:] = smooth_positions(grid, positions.shape[1])
+    for layer in vision.transformer.layers:  # post-norm layers: gain 0 makes each one the identity
+        layer.input_layernorm.weight.zero_()
+        layer.post_attention_layernorm.weight.zero_()
+    adapter = vision.linear_proj
+    for module in (vision.conv, adapter.linear_proj, adapter.dense_h_to_4h, adapter.gate_proj, adapter.dense_4h_to_h):
+        module.weight.normal_(0, module.weight[0].numel() ** -0.5)
+    probes = torch.stack([image_to_tensor(Image.new("RGB", (64, 64), (i * 40, 100, 200)), SIZE) for i in range(4)])
+    vision.scaling_factor = 1.0
+    vision.scaling_factor = vision(probes.to(positions.device))[:, 1:-1].norm(dim=-1).mean().item() / image_norm
+
+
+# --- the tasks ----------------------------------------------------------------------------------------------
+def click_conversation(image: Image.Image, label: str, box: tuple[int, int, int, int]) -> dict[str, Any]:
+    """A one-step "click `label`" conversation in the agent's Action-Operation format."""
+    operation = Action("CLICK", {"box": from_pixels(box, *image.size), "element_info": label})
+    answer = Answer(action=f"Click the '{label}' element.", operation=operation)
+    prompt = build_prompt(f"Click '{label}'.", "WIN", "Action-Operation", (), order="official")
+    return {
+        "messages": [
+            {"role": "user", "content": prompt, "image": image},
+            {"role": "assistant", "content": format_answer(answer, "Action-Operation")},
+        ],
+        "platform": "WIN",
+    }
+
+
+def _free_box(rng: random.Random, taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    while True:
+        width, height = rng.randint(24, 56), rng.randint(20, 44)
+        left, top = rng.randint(0, SIZE - width), rng.randint(0, SIZE - height)
+        box = (left, top, left + width, top + height)
+        if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in taken):
+            return box
+
+
+def rectangle_conversation(rng: random.Random, task: str, objects: int) -> dict[str, Any]:
+    """One sample of the 'rectangle' or 'labelled' task; the first rectangle drawn is the target."""
+    if task == "rectangle":
+        image, labels, colours = Image.new("RGB", (SIZE, SIZE), (20, 20, 20)), ["box"], [(240, 240, 240)]
+    else:
+        image, labels = Image.new("RGB", (SIZE, SIZE), (250, 250, 250)), rng.sample(APPS, objects)
+        colours = [screens.STYLE[label].colour for label in labels]
+    boxes: list[tuple[int, int, int, int]] = []
+    for colour in colours:
+        boxes.append(_free_box(rng, boxes))
+        image.paste(colour, boxes[-1])
+    return click_conversation(image, labels[0], boxes[0])
+
+
+def conversations(task: str, objects: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless fresh conversations of `task` (the GUI tasks from episode `start` of `seed` on)."""
+    if task in ("rectangle", "labelled"):
+        rng = random.Random(seed)
+        while True:
+            yield rectangle_conversation(rng, task, objects)
+    index = start
+    while True:
+        yield from g.episode_conversations(seed, index, 1, grounding_per_step=2, steps=task == "episodes")
+        index += 1
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Collated training batches of fresh samples; DataLoader worker w draws from its own seed."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer, num_image_tokens: int) -> None:
+        self.args, self.tokenizer, self.num_image_tokens = args, tokenizer, num_image_tokens
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        w = 0 if worker is None else worker.id
+        collate, args = TrainingCollator(self.tokenizer), self.args
+        source = conversations(args.task, args.objects, seed=g.TRAIN_SEED + 7_777 * w, start=10**5 * w)
+        while True:
+            samples = [next(source) for _ in range(args.batch_size)]
+            yield collate(
+                [
+                    encode_conversation(s["messages"], self.tokenizer, num_image_tokens=self.num_image_tokens, name="s")
+                    for s in samples
+                ]
+            )
+
+
+def held_out(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The scored samples: a fixed seed the training stream never uses."""
+    source = conversations(args.task, args.objects, seed=g.EVAL_SEED)
+    return [next(source) for _ in range(args.eval_samples)]
+
+
+# --- training and scoring -----------------------------------------------------------------------------------
+def score(model, tokenizer, samples: list[dict[str, Any]], task: str) -> dict[str, float]:
+    references = [s["messages"][1]["content"] for s in samples]
+    tokens = 160 if task == "episodes" else 60
+    real = g.rates(g.generate_answers(model, tokenizer, samples, max_new_tokens=tokens), references)
+    blank = g.rates(g.generate_answers(model, tokenizer, samples, max_new_tokens=tokens, blank_images=True), references)
+    return {
+        "parse": real["parse_rate"],
+        "click_in_box": real["click_in_box"],
+        "blank_click_in_box": blank["click_in_box"],
+    }
+
+
+def train(args: argparse.Namespace, model, tokenizer, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """AdamW with a 50-step warm-up and a cosine to 10% over --steps; a score row at each --evals step."""
+    stream = Stream(args, tokenizer, model.config.num_image_tokens)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
+    batches = iter(loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    rows, losses, started = [], [], time.perf_counter()
+    model.train()
+    for step in range(1, args.steps + 1):
+        scale = min(1.0, step / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * scale
+        batch = {key: value.to(args.device, non_blocking=True) for key, value in next(batches).items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step in args.evals:
+            model.eval()
+            row = {
+                "step": step,
+                "samples": step * args.batch_size,
+                "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+            }
+            row.update(score(model, tokenizer, samples, args.task))
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(row)
+            print(_row_line(row), flush=True)
+            model.train()
+    model.eval()
+    return rows
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['step']:>6} {row['samples']:>8} {row['loss']:>7.3f} {row['parse']:>6.1%} "
+        f"{row['click_in_box']:>13.1%} {row['blank_click_in_box']:>13.1%} {row['seconds']:>8.0f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import cogagent_nb as cnb
+
+    args = parse_args(argv)
+    commit = _commit()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer, model = cnb.load(cnb.make_tiny_model(tempfile.mkdtemp(prefix="bench_readout_"), seed=args.seed))
+    model = model.float()
+    if args.init == "readable":
+        make_readable(model)
+    model.to(args.device)
+    samples = held_out(args)
+    print(f"task {args.task}, init {args.init}, batch {args.batch_size}, lr {args.lr}, {len(samples)} held-out samples")
+    print(
+        f"{'step':>6} {'samples':>8} {'loss':>7} {'parse':>6} {'click-in-box':>13} {'blank image':>13} {'seconds':>8}"
+    )
+    rows = train(args, model, tokenizer, samples)
+    report = {
+        "benchmark": "readout",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if str(args.device).startswith("cuda") else ""),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
