@@ -68,12 +68,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="rectangle")
     parser.add_argument("--init", choices=("preset", "readable"), default="readable")
+    parser.add_argument(
+        "--numbers",
+        choices=("digits", "whole", "whole-smooth"),
+        default="digits",
+        help="digits: the tiny tokenizer (a coordinate is 3 digit tokens); whole: every number 0-999 one "
+        "token, as in the real GLM-4 tokenizer; whole-smooth: the same, with the number tokens' embedding "
+        "and output rows started as a smooth code of the number",
+    )
     parser.add_argument("--objects", type=int, default=3, help="rectangles on a 'labelled' screen")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--evals", default="300,600", help="steps after which to score, comma-separated")
     parser.add_argument("--eval-samples", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    parser.add_argument(
+        "--first-digit-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the first digit of every number in the answer (the coarse position)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes that draw the samples")
@@ -117,6 +131,40 @@ def make_readable(model, image_norm: float = 0.3) -> None:
     probes = torch.stack([image_to_tensor(Image.new("RGB", (64, 64), (i * 40, 100, 200)), SIZE) for i in range(4)])
     vision.scaling_factor = 1.0
     vision.scaling_factor = vision(probes.to(positions.device))[:, 1:-1].norm(dim=-1).mean().item() / image_norm
+
+
+def whole_number_model(seed: int, smooth: bool):
+    """The tiny tokenizer plus one rank for every number 10-999 (and 00-09, the merge steps), with a tiny
+    model of that vocabulary: a coordinate is then one token, one 1000-way choice, as in the real GLM-4
+    tokenizer (`\\p{N}{1,3}` pieces), instead of three digits of which the first carries the coarse position.
+
+    smooth: the number tokens' input and output rows start as a sin-cos code of the number (neighbours
+    similar), so the head's choice of number can follow a smooth position code from the image.
+    """
+    from cogagent_nb.data.bpe import read_tokenizer_model, write_tokenizer_model
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
+    from cogagent_nb.model.loading import init_model
+
+    ranks = read_tokenizer_model(TINY_TOKENIZER_FILE)
+    for number in [f"{i:02d}" for i in range(100)] + [str(i) for i in range(100, 1000)]:
+        ranks.setdefault(number.encode(), len(ranks))
+    vocab_file = write_tokenizer_model(Path(tempfile.mkdtemp(prefix="bench_readout_tok_")) / "tokenizer.model", ranks)
+    tokenizer = ChatGLM4Tokenizer(vocab_file, image_size=SIZE)
+    model = init_model(CogAgentConfig.from_preset("tiny", **vocabulary_fields(len(ranks))), seed=seed)
+    ids = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1000)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("a number 0-999 is not one token")
+    if smooth:
+        with torch.no_grad():
+            ids_t = torch.tensor([i[0] for i in ids])
+            for table in (model.transformer.embedding.word_embeddings.weight, model.transformer.output_layer.weight):
+                norm = table.norm(dim=1).mean()
+                k = torch.arange(1000.0)[:, None]
+                freq = (torch.arange(table.shape[1] // 2) + 1) * math.pi / 1000
+                code = torch.cat([(k * freq).cos(), (k * freq).sin()], dim=1)
+                table[ids_t] = code * norm / code.norm(dim=1, keepdim=True)
+    return tokenizer, model
 
 
 # --- the tasks ----------------------------------------------------------------------------------------------
@@ -197,16 +245,80 @@ def held_out(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # --- training and scoring -----------------------------------------------------------------------------------
-def score(model, tokenizer, samples: list[dict[str, Any]], task: str) -> dict[str, float]:
+def score(model, tokenizer, samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """Greedy click-in-box with the real and a white screenshot, and the teacher-forced accuracy of the
+    numbers' first digits (the coarse position) and of their other digits."""
     references = [s["messages"][1]["content"] for s in samples]
-    tokens = 160 if task == "episodes" else 60
+    tokens = 160 if args.task == "episodes" else 60
     real = g.rates(g.generate_answers(model, tokenizer, samples, max_new_tokens=tokens), references)
     blank = g.rates(g.generate_answers(model, tokenizer, samples, max_new_tokens=tokens, blank_images=True), references)
     return {
         "parse": real["parse_rate"],
         "click_in_box": real["click_in_box"],
         "blank_click_in_box": blank["click_in_box"],
+        **digit_accuracy(model, tokenizer, samples, args.device),
     }
+
+
+@torch.no_grad()
+def digit_accuracy(model, tokenizer, samples: list[dict[str, Any]], device: str) -> dict[str, float]:
+    """Teacher-forced argmax accuracy on the answers' digits: first digits of numbers, and the rest."""
+    collate, first_digits = TrainingCollator(tokenizer), FirstDigits(tokenizer, device)
+    hits = {"first_digit_accuracy": [0, 0], "other_digit_accuracy": [0, 0]}
+    for start in range(0, len(samples), 32):
+        encoded = [
+            encode_conversation(s["messages"], tokenizer, num_image_tokens=model.config.num_image_tokens, name="s")
+            for s in samples[start : start + 32]
+        ]
+        batch = {key: value.to(device) for key, value in collate(encoded).items()}
+        logits = model(**batch).logits
+        targets = batch["labels"][:, 1:]
+        offset = logits.shape[1] - batch["labels"].shape[1]
+        predicted = logits[:, offset : offset + targets.shape[1]].argmax(-1)
+        first = first_digits(targets)
+        other = torch.isin(targets, first_digits.digits) & ~first
+        for key, mask in (("first_digit_accuracy", first), ("other_digit_accuracy", other)):
+            hits[key][0] += int((predicted[mask] == targets[mask]).sum())
+            hits[key][1] += int(mask.sum())
+    return {key: right / max(1, total) for key, (right, total) in hits.items()}
+
+
+class FirstDigits:
+    """Which supervised targets start a number: a first digit (the tiny tokenizer spells numbers digit by
+    digit) or a whole number token (with --numbers whole)."""
+
+    def __init__(self, tokenizer, device: str) -> None:
+        ids = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1000)]
+        if any(len(i) != 1 for i in ids[:10]):
+            raise ValueError(f"digits are not single tokens in this tokenizer: {ids[:10]}")
+        self.digits = torch.tensor(sorted({i[0] for i in ids if len(i) == 1}), device=device)
+
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        is_digit = torch.isin(targets, self.digits)
+        after_digit = torch.zeros_like(is_digit)
+        after_digit[:, 1:] = is_digit[:, :-1]
+        return is_digit & ~after_digit
+
+
+def weighted_loss(model, batch: dict[str, torch.Tensor], first_digits: FirstDigits, weight: float) -> torch.Tensor:
+    """The mean answer cross-entropy, with the first digit of each number counted `weight` times.
+
+    Why: with digits spelled one by one, the tens and units of a coordinate follow from its first digit
+    (the context), so the mean loss can fall far while the first digit, the coarse position that only
+    the image tells, stays a guess. This puts that digit's gradient back in front.
+    """
+    if weight == 1.0:
+        return model(**batch).loss
+    out = model(**batch, return_logits=True)
+    labels = batch["labels"]
+    offset = out.logits.shape[1] - labels.shape[1]  # the image splice: answers sit after it, shifted
+    targets = labels[:, 1:]
+    first = first_digits(targets) & (targets != -100)
+    rows, cols = first.nonzero(as_tuple=True)
+    extra = torch.nn.functional.cross_entropy(
+        out.logits[rows, cols + offset].float(), targets[rows, cols], reduction="sum"
+    )
+    return out.loss + (weight - 1.0) * extra / (targets != -100).sum()
 
 
 def train(args: argparse.Namespace, model, tokenizer, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -217,6 +329,7 @@ def train(args: argparse.Namespace, model, tokenizer, samples: list[dict[str, An
     )
     batches = iter(loader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    first_digits = FirstDigits(tokenizer, args.device)
     rows, losses, started = [], [], time.perf_counter()
     model.train()
     for step in range(1, args.steps + 1):
@@ -224,7 +337,7 @@ def train(args: argparse.Namespace, model, tokenizer, samples: list[dict[str, An
         for group in optimizer.param_groups:
             group["lr"] = args.lr * scale
         batch = {key: value.to(args.device, non_blocking=True) for key, value in next(batches).items()}
-        loss = model(**batch).loss
+        loss = weighted_loss(model, batch, first_digits, args.first_digit_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -237,7 +350,7 @@ def train(args: argparse.Namespace, model, tokenizer, samples: list[dict[str, An
                 "samples": step * args.batch_size,
                 "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
             }
-            row.update(score(model, tokenizer, samples, args.task))
+            row.update(score(model, tokenizer, samples, args))
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(_row_line(row), flush=True)
@@ -249,7 +362,8 @@ def train(args: argparse.Namespace, model, tokenizer, samples: list[dict[str, An
 def _row_line(row: dict[str, Any]) -> str:
     return (
         f"{row['step']:>6} {row['samples']:>8} {row['loss']:>7.3f} {row['parse']:>6.1%} "
-        f"{row['click_in_box']:>13.1%} {row['blank_click_in_box']:>13.1%} {row['seconds']:>8.0f}"
+        f"{row['click_in_box']:>13.1%} {row['blank_click_in_box']:>13.1%} {row['first_digit_accuracy']:>12.1%} "
+        f"{row['other_digit_accuracy']:>12.1%} {row['seconds']:>8.0f}"
     )
 
 
@@ -261,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer, model = cnb.load(cnb.make_tiny_model(tempfile.mkdtemp(prefix="bench_readout_"), seed=args.seed))
+    if args.numbers != "digits":
+        tokenizer, model = whole_number_model(args.seed, smooth=args.numbers == "whole-smooth")
     model = model.float()
     if args.init == "readable":
         make_readable(model)
@@ -268,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = held_out(args)
     print(f"task {args.task}, init {args.init}, batch {args.batch_size}, lr {args.lr}, {len(samples)} held-out samples")
     print(
-        f"{'step':>6} {'samples':>8} {'loss':>7} {'parse':>6} {'click-in-box':>13} {'blank image':>13} {'seconds':>8}"
+        f"{'step':>6} {'samples':>8} {'loss':>7} {'parse':>6} {'click-in-box':>13} {'blank image':>13} {'first digits':>12} {'other digits':>12} {'seconds':>8}"
     )
     rows = train(args, model, tokenizer, samples)
     report = {
