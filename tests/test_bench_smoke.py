@@ -38,3 +38,52 @@ def test_flop_formula_reproduces_issue_9s_official_lora_step() -> None:
 
     config = CogAgentConfig.from_preset("cogagent-9b-20241220")
     assert round(bench_gpu.model_flops("lora", config, 2048, 1) / 1e12, 1) == 222.6
+
+
+def test_bench_readout_runs_each_task_and_writes_json(tmp_path: Path) -> None:
+    from benchmarks import bench_readout
+
+    for task, numbers in (("rectangle", "whole-smooth"), ("labelled", "digits"), ("gui", "digits")):
+        out = tmp_path / f"{task}.json"
+        argv = ["--task", task, "--numbers", numbers, "--steps", "2", "--evals", "1,2", "--eval-samples", "2"]
+        report = bench_readout.main(argv + ["--batch-size", "2", "--first-digit-weight", "3", "--json", str(out)])
+        assert json.loads(out.read_text())["rows"] == report["rows"]
+        assert [row["step"] for row in report["rows"]] == [1, 2], task
+        for row in report["rows"]:
+            assert 0.0 <= row["click_in_box"] <= 1.0 and row["loss"] > 0, (task, row)
+
+
+def test_bench_readout_up_weights_exactly_the_first_digit_of_each_number() -> None:
+    """weight w adds (w - 1) x the first digits' summed cross-entropy / supervised tokens to the mean loss."""
+    import random
+
+    import torch
+
+    from benchmarks import bench_readout as br
+    from cogagent_nb.data.bpe import read_tokenizer_model
+    from cogagent_nb.data.encoding import TrainingCollator, encode_conversation
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
+    from cogagent_nb.model.loading import init_model
+
+    tokenizer = ChatGLM4Tokenizer(TINY_TOKENIZER_FILE, image_size=br.SIZE)
+    config = CogAgentConfig.from_preset("tiny", **vocabulary_fields(len(read_tokenizer_model(TINY_TOKENIZER_FILE))))
+    model = init_model(config, seed=0).float()
+    sample = br.rectangle_conversation(random.Random(5), "rectangle", 1)
+    batch = TrainingCollator(tokenizer)(
+        [encode_conversation(sample["messages"], tokenizer, num_image_tokens=config.num_image_tokens, name="s")]
+    )
+    first_digits = br.FirstDigits(tokenizer, "cpu")
+    targets = batch["labels"][:, 1:]
+    first = first_digits(targets)
+    box = sample["messages"][1]["content"].split("[[")[1].split("]]")[0].split(",")
+    assert [tokenizer.decode([i]) for i in targets[first].tolist()] == [number[0] for number in box]
+
+    only_first = torch.full_like(batch["labels"], -100)
+    only_first[:, 1:][first] = targets[first]
+    with torch.no_grad():
+        plain = br.weighted_loss(model, batch, first_digits, 1.0)
+        first_mean = model(**{**batch, "labels": only_first}).loss
+        weighted = br.weighted_loss(model, batch, first_digits, 4.0)
+    share = first.sum() / (targets != -100).sum()
+    torch.testing.assert_close(weighted, plain + 3.0 * first_mean * share)
