@@ -94,9 +94,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
-    args.evals = sorted({int(step) for step in args.evals.split(",")})
+    try:
+        args.evals = sorted({int(step) for step in args.evals.split(",")})
+    except ValueError:
+        parser.error(f"--evals {args.evals!r}: expected step numbers separated by commas, e.g. 300,600")
+    if args.evals[0] < 1:
+        parser.error(f"--evals {args.evals[0]}: steps count from 1")
     if args.evals[-1] > args.steps:
         parser.error(f"--evals {args.evals[-1]} is after the last step ({args.steps})")
+    if not 1 <= args.objects <= len(APPS):
+        parser.error(
+            f"--objects {args.objects}: a 'labelled' screen holds 1 to {len(APPS)} rectangles ({', '.join(APPS)})"
+        )
     return args
 
 

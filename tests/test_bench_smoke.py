@@ -87,3 +87,19 @@ def test_bench_readout_up_weights_exactly_the_first_digit_of_each_number() -> No
         weighted = br.weighted_loss(model, batch, first_digits, 4.0)
     share = first.sum() / (targets != -100).sum()
     torch.testing.assert_close(weighted, plain + 3.0 * first_mean * share)
+
+
+def test_bench_readout_refuses_wrong_arguments_by_name(capsys) -> None:
+    import pytest
+
+    from benchmarks import bench_readout
+
+    for argv, words in (
+        (["--steps", "10", "--evals", "5,20"], "--evals 20 is after the last step"),
+        (["--evals", "3,x"], "expected step numbers"),
+        (["--evals", "0,3"], "steps count from 1"),
+        (["--objects", "9"], "1 to 6 rectangles"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_readout.parse_args(argv)
+        assert words in capsys.readouterr().err, argv
