@@ -22,11 +22,7 @@ Prints a table and writes JSON (`--json`). Examples:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks import run_record  # noqa: E402
 from cogagent_nb.train import grounding as g  # noqa: E402
 
 
@@ -135,7 +132,7 @@ def _samples(held_out: list[dict], episodes: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    commit = _commit()  # the code this run imports, read before anything can change the tree
+    commit = run_record.git_commit()  # the code this run imports, read before anything can change the tree
     torch.set_num_threads(args.threads)
     tokenizer, model, changes = build(args)
     if args.device:
@@ -168,13 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"evaluation in {time.perf_counter() - started:.0f} s", flush=True)
     print("\n" + g.format_report(results))
     report = {
-        "benchmark": "learning",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
-        + (f", {torch.cuda.get_device_name()}" if str(args.device).startswith("cuda") else ""),
+        **run_record.header("learning", commit, args),
         "threads": args.threads,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "overrides": changes,
         "training": {
             "steps": log.steps,
@@ -193,19 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"({log.wall_seconds:.0f} s wall); "
         f"final loss {report['training']['final_loss']}; {report['machine']}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    run_record.write_json(args.json, report)
     return report
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -30,13 +30,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks import run_record  # noqa: E402
 from cogagent_nb.data import screens  # noqa: E402
 from cogagent_nb.data.actions import Action, Answer, format_answer  # noqa: E402
 from cogagent_nb.data.boxes import from_pixels  # noqa: E402
@@ -280,16 +276,25 @@ def digit_accuracy(model, tokenizer, samples: list[dict[str, Any]], device: str)
             for s in samples[start : start + 32]
         ]
         batch = {key: value.to(device) for key, value in collate(encoded).items()}
-        logits = model(**batch).logits
         targets = batch["labels"][:, 1:]
-        offset = logits.shape[1] - batch["labels"].shape[1]
-        predicted = logits[:, offset : offset + targets.shape[1]].argmax(-1)
+        predicted = next_token_logits(model(**batch).logits, batch["labels"]).argmax(-1)
         first = first_digits(targets)
         other = torch.isin(targets, first_digits.digits) & ~first
         for key, mask in (("first_digit_accuracy", first), ("other_digit_accuracy", other)):
             hits[key][0] += int((predicted[mask] == targets[mask]).sum())
             hits[key][1] += int(mask.sum())
     return {key: right / max(1, total) for key, (right, total) in hits.items()}
+
+
+def next_token_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits (B, L - 1, V) that predict `labels[:, 1:]`.
+
+    The model's logits run over the spliced sequence (the image's placeholder replaced by its vectors,
+    so `logits.shape[1] - labels.shape[1]` positions longer); the answer comes after the image, so its
+    predictions sit that many positions further on. Positions before the image are not supervised.
+    """
+    offset = logits.shape[1] - labels.shape[1]
+    return logits[:, offset : offset + labels.shape[1] - 1]
 
 
 class FirstDigits:
@@ -319,13 +324,11 @@ def weighted_loss(model, batch: dict[str, torch.Tensor], first_digits: FirstDigi
     if weight == 1.0:
         return model(**batch).loss
     out = model(**batch, return_logits=True)
-    labels = batch["labels"]
-    offset = out.logits.shape[1] - labels.shape[1]  # the image splice: answers sit after it, shifted
-    targets = labels[:, 1:]
+    targets = batch["labels"][:, 1:]
     first = first_digits(targets) & (targets != -100)
     rows, cols = first.nonzero(as_tuple=True)
     extra = torch.nn.functional.cross_entropy(
-        out.logits[rows, cols + offset].float(), targets[rows, cols], reduction="sum"
+        next_token_logits(out.logits, batch["labels"])[rows, cols].float(), targets[rows, cols], reduction="sum"
     )
     return out.loss + (weight - 1.0) * extra / (targets != -100).sum()
 
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import cogagent_nb as cnb
 
     args = parse_args(argv)
-    commit = _commit()
+    commit = run_record.git_commit()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer, model = cnb.load(cnb.make_tiny_model(tempfile.mkdtemp(prefix="bench_readout_"), seed=args.seed))
@@ -396,28 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{'step':>6} {'samples':>8} {'loss':>7} {'parse':>6} {'click-in-box':>13} {'blank image':>13} {'first digits':>12} {'other digits':>12} {'seconds':>8}"
     )
     rows = train(args, model, tokenizer, samples)
-    report = {
-        "benchmark": "readout",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name()}" if str(args.device).startswith("cuda") else ""),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": rows,
-    }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    report = {**run_record.header("readout", commit, args), "rows": rows}
+    run_record.write_json(args.json, report)
     return report
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
