@@ -16,7 +16,7 @@ Prints a table and writes JSON (`--json`). Examples:
   python benchmarks/bench_learning.py --minutes 2 --eval-episodes 24           # a quick probe
   python benchmarks/bench_learning.py --minutes 10 --json runs/learning.json   # the recorded figure
   python benchmarks/bench_learning.py --device cuda --workers 14 --clock wall --minutes 5 \
-      --batch-size 64 --lr 2e-3 --json runs/learning-gpu.json                    # what 20x the data buys
+      --batch-size 64 --json runs/learning-gpu.json                    # what 20x the data buys
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW; train_tiny's default)")
     parser.add_argument("--eval-episodes", type=int, default=96, help="held-out episodes (96 = about 456 samples)")
     parser.add_argument(
         "--untrained-episodes",

@@ -11,13 +11,12 @@ graded tasks, all answered the way the agent answers ("Action: Click the 'X' ele
   gui         "click X" on the synthetic GUI screens (`synthetic.grounding_samples`, fresh episodes)
   episodes    the course's mix: episode steps plus two "click X" samples per screen
 
-and two initialisations of the tiny preset:
+and two starts of the tiny model:
 
-  preset      as `cogagent_nb.make_tiny_model` writes it
-  readable    the vision tower started so that a box can be read out of its vectors (docs/BENCHMARKS.md,
-              "Where it stalls"): smooth 2-D sin-cos patch positions, vision layers starting as the
-              identity (sublayer-norm gains 0), the adapter (2x2 conv and GLU) drawn at std 1/sqrt(fan-in),
-              and the image vectors rescaled to norm 0.3
+  preset      as `cogagent_nb.make_tiny_model` writes it: the vision tower started so that a box can be
+              read out of its vectors (`cogagent_nb.model.tiny_init`: 2-D sin-cos patch positions,
+              identity-start layers, a fan-in adapter)
+  plain       normal(0.02) everywhere, image vectors lifted to the text scale (`PLAIN_START`)
 
 At each step in --evals it scores greedy answers on held-out samples (fixed seeds, never trained on):
 click-in-box with the real screenshot and with a white one. Prints a table and writes JSON (--json).
@@ -51,7 +50,6 @@ from cogagent_nb.data import screens  # noqa: E402
 from cogagent_nb.data.actions import Action, Answer, format_answer  # noqa: E402
 from cogagent_nb.data.boxes import from_pixels  # noqa: E402
 from cogagent_nb.data.encoding import TrainingCollator, encode_conversation  # noqa: E402
-from cogagent_nb.data.images import image_to_tensor  # noqa: E402
 from cogagent_nb.data.prompts import build_prompt  # noqa: E402
 from cogagent_nb.train import grounding as g  # noqa: E402
 
@@ -63,7 +61,7 @@ SIZE = 224  # the tiny tower's image size; the rectangle tasks draw at it, so no
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="rectangle")
-    parser.add_argument("--init", choices=("preset", "readable"), default="readable")
+    parser.add_argument("--init", choices=("preset", "plain"), default="preset")
     parser.add_argument(
         "--numbers",
         choices=("digits", "whole", "whole-smooth"),
@@ -77,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evals", default="300,600", help="steps after which to score, comma-separated")
     parser.add_argument("--eval-samples", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
     parser.add_argument(
         "--first-digit-weight",
         type=float,
@@ -105,40 +103,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --- the readable initialisation ----------------------------------------------------------------------------
-def smooth_positions(grid: int, width: int, norm: float = 8.0) -> torch.Tensor:
-    """A (grid*grid, width) table of 2-D sin-cos positions, row-major like the patches.
-
-    width/4 frequencies per axis, the lowest half a period across the grid (so it is monotonic: it says
-    left or right half, top or bottom), each row scaled to `norm`. Neighbouring patches get similar vectors,
-    so "where" can be read from a vector by a smooth function instead of learnt patch by patch.
-    """
-    gy, gx = torch.meshgrid(torch.arange(float(grid)), torch.arange(float(grid)), indexing="ij")
-    x, y = gx.flatten()[:, None], gy.flatten()[:, None]
-    freq = (torch.arange(width // 4) + 1) * math.pi / (2 * grid)
-    table = torch.cat([(x * freq).cos(), (x * freq).sin(), (y * freq).cos(), (y * freq).sin()], dim=1)
-    return table * norm / table.norm(dim=1, keepdim=True)
+# --- the two starts -----------------------------------------------------------------------------------------
+PLAIN_START = {"readable_init": False, "scaling_factor": 0.125}
+"""The tiny tower without `readable_init`: normal(0.02) everywhere, with the image vectors lifted to the
+text scale (norm ~0.3) by dividing by 0.125 instead of 8; the preset before issue 10's last change, less
+its patch-position spread of 0.3."""
 
 
-@torch.no_grad()
-def make_readable(model, image_norm: float = 0.3) -> None:
-    """Start the vision tower so that a box can be read from its output in a few hundred steps."""
-    vision = model.transformer.vision
-    positions = vision.patch_embedding.position_embedding.weight  # (1 + grid^2, width): cls first
-    grid = round((positions.shape[0] - 1) ** 0.5)
-    positions[1:] = smooth_positions(grid, positions.shape[1])
-    for layer in vision.transformer.layers:  # post-norm layers: gain 0 makes each one the identity
-        layer.input_layernorm.weight.zero_()
-        layer.post_attention_layernorm.weight.zero_()
-    adapter = vision.linear_proj
-    for module in (vision.conv, adapter.linear_proj, adapter.dense_h_to_4h, adapter.gate_proj, adapter.dense_4h_to_h):
-        module.weight.normal_(0, module.weight[0].numel() ** -0.5)
-    probes = torch.stack([image_to_tensor(Image.new("RGB", (64, 64), (i * 40, 100, 200)), SIZE) for i in range(4)])
-    vision.scaling_factor = 1.0
-    vision.scaling_factor = vision(probes.to(positions.device))[:, 1:-1].norm(dim=-1).mean().item() / image_norm
+def tiny_model(seed: int, init: str, **fields: Any):
+    """A random tiny model of the preset (`init` "preset") or of the plain start (`init` "plain")."""
+    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.loading import init_model
+
+    vision = PLAIN_START if init == "plain" else {}
+    return init_model(CogAgentConfig.from_preset("tiny", vision_config=vision, **fields), seed=seed)
 
 
-def whole_number_model(seed: int, smooth: bool):
+def whole_number_model(seed: int, init: str, smooth: bool):
     """The tiny tokenizer plus one rank for every number 10-999 (and 00-09, the merge steps), with a tiny
     model of that vocabulary: a coordinate is then one token, one 1000-way choice, as in the real GLM-4
     tokenizer (`\\p{N}{1,3}` pieces), instead of three digits of which the first carries the coarse position.
@@ -148,15 +129,14 @@ def whole_number_model(seed: int, smooth: bool):
     """
     from cogagent_nb.data.bpe import read_tokenizer_model, write_tokenizer_model
     from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
-    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
-    from cogagent_nb.model.loading import init_model
+    from cogagent_nb.model.configuration import vocabulary_fields
 
     ranks = read_tokenizer_model(TINY_TOKENIZER_FILE)
     for number in [f"{i:02d}" for i in range(100)] + [str(i) for i in range(100, 1000)]:
         ranks.setdefault(number.encode(), len(ranks))
     vocab_file = write_tokenizer_model(Path(tempfile.mkdtemp(prefix="bench_readout_tok_")) / "tokenizer.model", ranks)
     tokenizer = ChatGLM4Tokenizer(vocab_file, image_size=SIZE)
-    model = init_model(CogAgentConfig.from_preset("tiny", **vocabulary_fields(len(ranks))), seed=seed)
+    model = tiny_model(seed, init, **vocabulary_fields(len(ranks)))
     ids = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1000)]
     if any(len(i) != 1 for i in ids):
         raise ValueError("a number 0-999 is not one token")
@@ -388,11 +368,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     tokenizer, model = cnb.load(cnb.make_tiny_model(tempfile.mkdtemp(prefix="bench_readout_"), seed=args.seed))
     if args.numbers != "digits":
-        tokenizer, model = whole_number_model(args.seed, smooth=args.numbers == "whole-smooth")
-    model = model.float()
-    if args.init == "readable":
-        make_readable(model)
-    model.to(args.device)
+        tokenizer, model = whole_number_model(args.seed, args.init, smooth=args.numbers == "whole-smooth")
+    elif args.init == "plain":
+        model = tiny_model(args.seed, "plain")
+    model = model.float().to(args.device)
     samples = held_out(args)
     print(f"task {args.task}, init {args.init}, batch {args.batch_size}, lr {args.lr}, {len(samples)} held-out samples")
     print(

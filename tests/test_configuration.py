@@ -77,7 +77,7 @@ def test_missing_vision_fields_take_the_eva2_clip_defaults() -> None:
 
 def test_unknown_vision_keys_are_kept_and_written_back(tmp_path: Path) -> None:
     config = CogAgentConfig.from_preset("tiny", vision_config={"future_key": [1, 2]})
-    assert config.vision_config.extra == {"position_embedding_std": 0.3, "future_key": [1, 2]}  # tiny key + new
+    assert config.vision_config.extra == {"readable_init": True, "future_key": [1, 2]}  # tiny key + new
     config.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())["vision_config"]
     assert written == {**config.vision_config.to_dict(), "future_key": [1, 2]}

@@ -334,17 +334,16 @@ TINY_VISION = EVA2_CLIP_E.merged(
         "num_heads": 4,
         "intermediate_size": 128,
         "image_size": 224,
-        "scaling_factor": 0.125,
-        "position_embedding_std": 0.3,
+        "readable_init": True,
     }
 )
-"""The tiny vision tower. Two values differ from the 9B on purpose (issue 10, docs/BENCHMARKS.md):
+"""The tiny vision tower: the 9B's at CPU size, with the official `scaling_factor` 8.
 
-- `scaling_factor` 0.125 instead of 8: the official division by 8 suits trained 9B weights; on a random
-  tiny model it made the image vectors entering the language model ~50x smaller than the text
-  embeddings (norm 0.005 against 0.23). With 0.125 they start at norm ~0.3, the text's scale.
-- `position_embedding_std` 0.3 (a project key, kept in `extra`, read only by `_init_weights`): patch
-  positions start as large as patch contents, so a vector says *where* as clearly as *what*.
+`readable_init` (a project key, kept in `extra`, read only by `_init_weights`) starts the tower so that
+*where* a patch lies reaches the language model: smooth 2-D patch positions, identity-start layers, a
+fan-in adapter (`cogagent_nb.model.tiny_init`; figures in docs/BENCHMARKS.md, issue 10). With it the image
+vectors enter the language model at norm ~0.3, the text embeddings' scale (0.23), under the official
+division by 8; the 9B, whose weights come from its checkpoint, has no such key.
 """
 
 

@@ -46,6 +46,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cogagent_nb.data.encoding import IGNORE_INDEX
+from cogagent_nb.model import tiny_init
 from cogagent_nb.model.configuration import CogAgentConfig, VisionConfig
 
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; 5.17 to
@@ -635,18 +636,14 @@ class CogAgentPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, PatchEmbedding):
             init.normal_(module.cls_embedding, mean=0.0, std=std)
-            # Optional, tiny preset only: a larger spread for the patch positions, so that where a patch
-            # lies is as visible in its vector as what it shows. The nn.Embedding branch has already drawn
-            # them (children are initialised first); rescaling draws nothing, so every other weight keeps
-            # its draws. Weights read from a checkpoint are marked and left alone. The 9B has no such key.
-            position_std = self.config.vision_config.extra.get("position_embedding_std")
-            weight = module.position_embedding.weight
-            if position_std is not None and not getattr(weight, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    weight.mul_(position_std / std)
         elif isinstance(module, EVA2CLIPModel):
             init.normal_(module.boi, mean=0.0, std=std)
             init.normal_(module.eoi, mean=0.0, std=std)
+            # Tiny preset only (the 9B has no such key): start the tower so that where a patch lies
+            # reaches the language model. Children are initialised first, so this redraws what they
+            # drew; weights read from a checkpoint are left alone. Why: `tiny_init`.
+            if self.config.vision_config.extra.get("readable_init"):
+                tiny_init.init_tower(module)
 
 
 class ChatGLMModel(nn.Module):
