@@ -342,7 +342,7 @@ TINY_VISION = EVA2_CLIP_E.merged(
 `readable_init` (a project key, kept in `extra`, read only by `_init_weights`) starts the tower so that
 *where* a patch lies reaches the language model: smooth 2-D patch positions, identity-start layers, a
 fan-in adapter (`cogagent_nb.model.tiny_init`; figures in docs/BENCHMARKS.md, issue 10). With it the image
-vectors enter the language model at norm ~0.3, the text embeddings' scale (0.23), under the official
+vectors enter the language model at norm ~0.35, the text embeddings' scale (0.23), under the official
 division by 8; the 9B, whose weights come from its checkpoint, has no such key.
 """
 
