@@ -110,13 +110,21 @@ text scale (norm ~0.3) by dividing by 0.125 instead of 8; the preset before issu
 its patch-position spread of 0.3."""
 
 
-def tiny_model(seed: int, init: str, **fields: Any):
-    """A random tiny model of the preset (`init` "preset") or of the plain start (`init` "plain")."""
-    from cogagent_nb.model.configuration import CogAgentConfig
+def tiny_model(seed: int, init: str, tokenizer_file: Path | None = None):
+    """(tokenizer, random tiny model) of the preset (`init` "preset") or of the plain start ("plain").
+
+    tokenizer_file: the course's tiny tokenizer when None; the model's vocabulary follows the file's ranks.
+    """
+    from cogagent_nb.data.bpe import read_tokenizer_model
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.model.configuration import CogAgentConfig, vocabulary_fields
     from cogagent_nb.model.loading import init_model
 
+    tokenizer_file = tokenizer_file or TINY_TOKENIZER_FILE
+    fields = vocabulary_fields(len(read_tokenizer_model(tokenizer_file)))
     vision = PLAIN_START if init == "plain" else {}
-    return init_model(CogAgentConfig.from_preset("tiny", vision_config=vision, **fields), seed=seed)
+    config = CogAgentConfig.from_preset("tiny", vision_config=vision, **fields)
+    return ChatGLM4Tokenizer(tokenizer_file, image_size=SIZE), init_model(config, seed=seed)
 
 
 def whole_number_model(seed: int, init: str, smooth: bool):
@@ -128,15 +136,13 @@ def whole_number_model(seed: int, init: str, smooth: bool):
     similar), so the head's choice of number can follow a smooth position code from the image.
     """
     from cogagent_nb.data.bpe import read_tokenizer_model, write_tokenizer_model
-    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
-    from cogagent_nb.model.configuration import vocabulary_fields
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE
 
     ranks = read_tokenizer_model(TINY_TOKENIZER_FILE)
     for number in [f"{i:02d}" for i in range(100)] + [str(i) for i in range(100, 1000)]:
         ranks.setdefault(number.encode(), len(ranks))
     vocab_file = write_tokenizer_model(Path(tempfile.mkdtemp(prefix="bench_readout_tok_")) / "tokenizer.model", ranks)
-    tokenizer = ChatGLM4Tokenizer(vocab_file, image_size=SIZE)
-    model = tiny_model(seed, init, **vocabulary_fields(len(ranks)))
+    tokenizer, model = tiny_model(seed, init, vocab_file)
     ids = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1000)]
     if any(len(i) != 1 for i in ids):
         raise ValueError("a number 0-999 is not one token")
@@ -360,17 +366,14 @@ def _row_line(row: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import cogagent_nb as cnb
-
     args = parse_args(argv)
     commit = run_record.git_commit()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tokenizer, model = cnb.load(cnb.make_tiny_model(tempfile.mkdtemp(prefix="bench_readout_"), seed=args.seed))
-    if args.numbers != "digits":
+    if args.numbers == "digits":
+        tokenizer, model = tiny_model(args.seed, args.init)
+    else:
         tokenizer, model = whole_number_model(args.seed, args.init, smooth=args.numbers == "whole-smooth")
-    elif args.init == "plain":
-        model = tiny_model(args.seed, "plain")
     model = model.float().to(args.device)
     samples = held_out(args)
     print(f"task {args.task}, init {args.init}, batch {args.batch_size}, lr {args.lr}, {len(samples)} held-out samples")

@@ -6,7 +6,7 @@ import torch
 
 import cogagent_nb as cnb
 from cogagent_nb.model.configuration import CogAgentConfig
-from cogagent_nb.model.loading import init_model
+from cogagent_nb.model.loading import init_model, save_pretrained
 from cogagent_nb.model.tiny_init import smooth_positions
 
 
@@ -77,14 +77,10 @@ def test_identity_start_layers_learn_from_the_second_step_on() -> None:
 
 def test_loaded_weights_are_not_reinitialised(tmp_path) -> None:
     """Loading a trained tiny model keeps its weights: the readable start only applies to fresh ones."""
-    directory = cnb.make_tiny_model(tmp_path / "tiny", seed=3)
-    _, model = cnb.load(directory)
+    tokenizer, model = cnb.load(cnb.make_tiny_model(tmp_path / "tiny", seed=3))
     with torch.no_grad():
         model.transformer.vision.transformer.layers[0].input_layernorm.weight.fill_(0.5)
         model.transformer.vision.conv.weight.fill_(0.25)
-    tokenizer = cnb.load(directory)[0]
-    from cogagent_nb.model.loading import save_pretrained
-
     trained = save_pretrained(tmp_path / "trained", model, tokenizer)
     _, again = cnb.load(trained)
     assert torch.all(again.transformer.vision.transformer.layers[0].input_layernorm.weight == 0.5)
