@@ -12,7 +12,9 @@ show what "learning from the screenshot" means (issue 10, "Proof that it teaches
   blank image      the trained model, every screenshot replaced by a white one
   trained          the trained model on the real screenshots
 
-Prints a table and writes JSON (`--json`). Examples:
+Below the table, click-in-box per kind of target ("mail button", "files list_item", ...: which elements
+the model finds, on the real and on blank screenshots). Prints both tables and writes JSON (`--json`).
+Examples:
   python benchmarks/bench_learning.py --minutes 2 --eval-episodes 24           # a quick probe
   python benchmarks/bench_learning.py --minutes 10 --json runs/learning.json   # the recorded figure
   python benchmarks/bench_learning.py --device cuda --workers 14 --clock wall --minutes 5 \
@@ -82,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     parser.add_argument(
+        "--lm-init",
+        choices=("preset", "fan-in"),
+        default="preset",
+        help="preset: the language model's matrices at normal(0.02); fan-in: its decoder layers' matrices "
+        "at 1/sqrt(fan-in) (cogagent_nb.model.tiny_init.fan_in_language_model)",
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
@@ -106,13 +115,17 @@ def build(args: argparse.Namespace):
     import cogagent_nb as cnb
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.loading import init_model
+    from cogagent_nb.model.tiny_init import fan_in_language_model
 
     directory = Path(tempfile.mkdtemp(prefix="bench_learning_"))
     tokenizer, _ = cnb.load(cnb.make_tiny_model(directory, seed=args.seed))
     changes = _overrides(args.override)
     vision = {"vision_config": changes["vision"]} if changes["vision"] else {}  # merged onto the tiny tower
     config = CogAgentConfig.from_preset("tiny", **{**_vocab(tokenizer), **changes["top"], **vision})
-    return tokenizer, init_model(config, seed=args.seed).float(), changes
+    model = init_model(config, seed=args.seed).float()
+    if args.lm_init == "fan-in":
+        fan_in_language_model(model, seed=args.seed)
+    return tokenizer, model, changes
 
 
 def _vocab(tokenizer) -> dict:
@@ -160,10 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
         workers=args.workers,
     )
     started = time.perf_counter()
-    results["blank image"], _ = g.model_rates(model, tokenizer, held_out, blank_images=True)
+    results["blank image"], blank_predictions = g.model_rates(model, tokenizer, held_out, blank_images=True)
     results["trained"], predictions = g.model_rates(model, tokenizer, held_out)
+    by_target = {
+        "trained": g.scores_by_target(predictions, held_out),
+        "blank image": g.scores_by_target(blank_predictions, held_out),
+    }
     print(f"evaluation in {time.perf_counter() - started:.0f} s", flush=True)
     print("\n" + g.format_report(results))
+    print("\nclick-in-box by target\n" + g.format_targets(by_target))
     report = {
         **run_record.header("learning", commit, args),
         "threads": args.threads,
@@ -178,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "eval_samples": len(held_out),
         "results": results,
+        "by_target": by_target,
         "examples": [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]],
     }
     print(

@@ -91,7 +91,7 @@ def lab(tmp_path_factory) -> Iterator[str]:
     # the server sees copies of the lessons (a browser session must never write into the repository)
     root = tmp_path_factory.mktemp("lab-root")
     shutil.copytree(REPO_ROOT / "notebooks", root / "notebooks")
-    for name in ("data", "solutions"):
+    for name in ("data", "solutions", "configs"):  # what lessons read beside them (configs: lessons 03 on)
         (root / name).symlink_to(REPO_ROOT / name)
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), PYTHONPATH=str(REPO_ROOT), MPLBACKEND="")
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("lab-runtime"))

@@ -134,3 +134,22 @@ def test_lesson_07_trains_for_the_course_minutes() -> None:
     parameters: dict = {}
     exec("".join(cell["source"]), parameters)
     assert parameters["learning_minutes"] == g.COURSE_MINUTES["notebook"]
+
+
+def test_scores_by_target_groups_click_in_box_by_what_a_step_points_at() -> None:
+    held_out = list(g.episode_conversations(g.EVAL_SEED, 0, 8))
+    references = [c["messages"][-1]["content"] for c in held_out]
+    boxed = [c for c in held_out if parse_answer(c["messages"][-1]["content"]).operation.box is not None]
+    assert all(c["target"] for c in boxed) and all(not c["target"] for c in held_out if c not in boxed)
+    exact = g.scores_by_target(references, held_out)
+    assert sum(row["n"] for row in exact.values()) == len(boxed)
+    assert all(row["click_in_box"] == 1.0 for row in exact.values())
+    # a box moved to the far corner misses everywhere; a step without a box is not counted
+    corner = [g.with_box(c, (0, 0, 1, 1)) for c in held_out]
+    assert all(row["click_in_box"] == 0.0 for row in g.scores_by_target(corner, held_out).values())
+    kinds = {target.split()[1] for target in exact}
+    assert {"icon", "button"} <= kinds, kinds
+    table = g.format_targets({"trained": exact, "blank image": g.scores_by_target(corner, held_out)})
+    header, *rows = table.splitlines()
+    assert header.split()[2:] == ["trained", "blank", "image"] and len(rows) == len(exact)
+    assert all(row.split()[-2:] == ["100.0%", "0.0%"] for row in rows), table

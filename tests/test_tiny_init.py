@@ -7,7 +7,7 @@ import torch
 import cogagent_nb as cnb
 from cogagent_nb.model.configuration import CogAgentConfig
 from cogagent_nb.model.loading import init_model, save_pretrained
-from cogagent_nb.model.tiny_init import smooth_positions
+from cogagent_nb.model.tiny_init import fan_in_language_model, smooth_positions
 
 
 def _tiny(readable: bool = True):
@@ -91,3 +91,29 @@ def test_the_9b_presets_have_no_readable_start() -> None:
     for name in ("cogagent-9b-20241220", "glm-4v-9b"):
         vision = CogAgentConfig.from_preset(name).vision_config
         assert "readable_init" not in vision.extra and vision.scaling_factor == 8
+
+
+def test_fan_in_language_model_redraws_only_the_decoder_layers_at_fan_in_scale() -> None:
+    """The alternative start of `bench_readout.py --lm-init fan-in`: decoder matrices at 1/sqrt(fan-in)."""
+    model = _tiny()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fan_in_language_model(model, seed=1)
+    for name, p in model.named_parameters():
+        redrawn = name.startswith("transformer.encoder.layers.") and name.endswith(".weight") and p.dim() == 2
+        if redrawn:
+            expected = p.shape[1] ** -0.5  # fan-in: 128 for attention and h->4h, 256 for 4h->h
+            assert abs(p.std().item() - expected) < 0.1 * expected, (name, p.std().item(), expected)
+            assert abs(before[name].std().item() - 0.02) < 0.002, name  # it was the preset's 0.02
+        else:
+            assert torch.equal(p, before[name]), f"{name} changed"
+    again = fan_in_language_model(_tiny(), seed=1)
+    layer = "transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"
+    assert torch.equal(dict(again.named_parameters())[layer], dict(model.named_parameters())[layer])
+
+
+def test_fan_in_language_model_leaves_loaded_weights_alone(tmp_path) -> None:
+    _, model = cnb.load(cnb.make_tiny_model(tmp_path / "tiny", seed=3))
+    weight = model.transformer.encoder.layers[0].self_attention.query_key_value.weight
+    before = weight.detach().clone()
+    fan_in_language_model(model)
+    assert torch.equal(weight, before)

@@ -63,3 +63,28 @@ def init_tower(tower: nn.Module) -> None:
     for module in (tower.conv, adapter.linear_proj, adapter.dense_h_to_4h, adapter.gate_proj, adapter.dense_4h_to_h):
         if not _loaded(module.weight):
             module.weight.normal_(0.0, module.weight[0].numel() ** -0.5)
+
+
+@torch.no_grad()
+def fan_in_language_model(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Redraw the language model's layer matrices at std 1/sqrt(fan-in) instead of `initializer_range`.
+
+    Not the preset's start: an alternative that `benchmarks/bench_readout.py --lm-init fan-in` and
+    `bench_learning.py --lm-init fan-in` measure. At 0.02 the tiny decoder's attention starts almost
+    uniform (logits ~0.05 apart), and telling screen elements apart by their look ("click the blue one")
+    stays near chance for 96k samples; at fan-in scale it is learnt (docs/BENCHMARKS.md, "Sixth
+    session"). On the course's episode mix it has not yet shown a gain, which is why the preset keeps 0.02.
+
+    Only the decoder layers' weight matrices change (attention, dense, MLP); embeddings, the output layer,
+    biases, norms and the vision tower keep their values. Weights read from a checkpoint are left alone.
+    The draws follow `seed` alone (one generator on the weights' device), so a run is repeatable.
+    Returns `model`, for chaining.
+    """
+    generator = None
+    for layer in model.transformer.encoder.layers:
+        for module in layer.modules():
+            if isinstance(module, nn.Linear) and not _loaded(module.weight):
+                if generator is None:
+                    generator = torch.Generator(device=module.weight.device).manual_seed(seed)
+                module.weight.normal_(0.0, module.weight.shape[1] ** -0.5, generator=generator)
+    return model

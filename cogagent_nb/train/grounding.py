@@ -51,18 +51,33 @@ def episode_conversations(
     """Conversations (images as PIL images) of episodes `start ... start + count - 1` for `seed`.
 
     Each episode's steps come first (unless `steps` is False), then `grounding_per_step` "click X" samples per screen
-    (`synthetic.grounding_samples`); every conversation carries its episode's `platform`.
+    (`synthetic.grounding_samples`); every conversation carries its episode's `platform`, and a step also
+    says what it points at: `target` is "<episode kind> <widget kind>" (e.g. "mail button") when its
+    operation has a box, "" when not (`scores_by_target` groups click-in-box by it).
     """
     for index in range(start, start + count):
         episode = make_episode(index, seed=seed)
         names = [f"episode {index} step {step}" for step in range(len(episode.steps))]
         for step, sample in zip(episode.steps, episode_samples(episode, names) if steps else ()):
             user, answer = sample["messages"]
-            yield {"messages": [{**user, "image": step.image}, answer], "platform": episode.platform}
+            yield {
+                "messages": [{**user, "image": step.image}, answer],
+                "platform": episode.platform,
+                "target": _target_widget(episode.kind, step),
+            }
         if grounding_per_step:
             rng = random.Random(seed * 7_919 + index)
             for sample in grounding_samples(episode, rng, grounding_per_step):
                 yield {**sample, "platform": episode.platform}
+
+
+def _target_widget(episode_kind: str, step) -> str:
+    """ "<episode kind> <widget kind>" of the element a step's operation points at ("" without a box)."""
+    if "box" not in step.operation.args:
+        return ""
+    label = step.operation.args.get("element_info")
+    kinds = [widget.kind for widget in step.widgets if widget.label == label]
+    return f"{episode_kind} {kinds[0] if kinds else 'element'}"
 
 
 class EpisodeStream(torch.utils.data.IterableDataset):
@@ -353,6 +368,36 @@ def model_rates(
     """Greedy answers on `held_out` and their rates; `blank_images` swaps every screenshot for a white one."""
     predictions = generate_answers(model, tokenizer, held_out, blank_images=blank_images, batch_size=batch_size)
     return rates(predictions, [c["messages"][-1]["content"] for c in held_out]), predictions
+
+
+def scores_by_target(predictions: Sequence[str], held_out: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Click-in-box per kind of target ("files list_item", "mail button", ...): which elements a model finds.
+
+    Uses the `target` that `episode_conversations` gives each step; steps without a box are left out.
+    Returns {target: {"n": samples, "click_in_box": rate}}, targets sorted by name.
+    """
+    from cogagent_nb.infer.metrics import score_answers
+
+    scores = score_answers(predictions, [c["messages"][-1]["content"] for c in held_out])
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for conversation, score in zip(held_out, scores):
+        if conversation.get("target") and score.click_in_box is not None:
+            groups[conversation["target"]].append(score.click_in_box)
+    return {name: {"n": len(hits), "click_in_box": sum(hits) / len(hits)} for name, hits in sorted(groups.items())}
+
+
+def format_targets(by_row: dict[str, dict[str, dict[str, float]]]) -> str:
+    """`scores_by_target` of several rows (e.g. "trained", "blank image") side by side, as a text table."""
+    rows = list(by_row)
+    targets = sorted({target for table in by_row.values() for target in table})
+    lines = [f"{'target':22s} {'n':>4s} " + " ".join(f"{row:>12s}" for row in rows)]
+    for target in targets:
+        n = next(table[target]["n"] for table in by_row.values() if target in table)
+        cells = " ".join(
+            f"{by_row[row][target]['click_in_box']:12.1%}" if target in by_row[row] else f"{'-':>12s}" for row in rows
+        )
+        lines.append(f"{target:22s} {n:4d} {cells}")
+    return "\n".join(lines)
 
 
 def format_report(results: dict[str, dict]) -> str:
