@@ -31,7 +31,7 @@ from PIL import Image
 
 from cogagent_nb.data.actions import Action, parse_answer
 from cogagent_nb.data.encoding import EncodedSample, TrainingCollator, encode_conversation
-from cogagent_nb.data.synthetic import episode_samples, grounding_samples, make_episode
+from cogagent_nb.data.synthetic import DemoStep, episode_samples, grounding_samples, make_episode
 
 COURSE_MINUTES: dict[str, float] = {"notebook": 4.0, "full": 10.0}
 """Minutes of `train_tiny` in the course: lesson 07's default (`learning_minutes`, wall clock), and the
@@ -71,7 +71,7 @@ def episode_conversations(
                 yield {**sample, "platform": episode.platform}
 
 
-def _target_widget(episode_kind: str, step) -> str:
+def _target_widget(episode_kind: str, step: DemoStep) -> str:
     """ "<episode kind> <widget kind>" of the element a step's operation points at ("" without a box)."""
     if "box" not in step.operation.args:
         return ""
