@@ -20,7 +20,8 @@ and two starts of the tiny model:
 
 and, with --lm-init, two starts of its language model's decoder layers: the preset's normal(0.02), or
 `fan-in` (1/sqrt(fan-in), `cogagent_nb.model.tiny_init.fan_in_language_model`), with which the tiny
-model learns to tell elements apart by their look ("labelled": 81% after 96k samples against 6%).
+model has learnt to tell elements apart by their look in one draw ("labelled": 81% after 96k samples
+against 6%; docs/BENCHMARKS.md, "Sixth session", has the draws that have not yet).
 
 At each step in --evals it scores greedy answers on held-out samples (fixed seeds, never trained on):
 click-in-box with the real screenshot and with a white one. Prints a table and writes JSON (--json).
