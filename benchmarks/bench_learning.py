@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import run_record  # noqa: E402
+from benchmarks import bench_readout, run_record  # noqa: E402
 from cogagent_nb.train import grounding as g  # noqa: E402
 
 
@@ -85,10 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     parser.add_argument(
         "--lm-init",
-        choices=("preset", "fan-in"),
+        choices=bench_readout.LM_INITS,
         default="preset",
-        help="preset: the language model's matrices at normal(0.02); fan-in: its decoder layers' matrices "
-        "at 1/sqrt(fan-in) (cogagent_nb.model.tiny_init.fan_in_language_model)",
+        help="the language model's start, as in bench_readout.py --lm-init",
     )
     parser.add_argument(
         "--override",
@@ -115,17 +114,14 @@ def build(args: argparse.Namespace):
     import cogagent_nb as cnb
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.loading import init_model
-    from cogagent_nb.model.tiny_init import fan_in_language_model
 
     directory = Path(tempfile.mkdtemp(prefix="bench_learning_"))
     tokenizer, _ = cnb.load(cnb.make_tiny_model(directory, seed=args.seed))
     changes = _overrides(args.override)
     vision = {"vision_config": changes["vision"]} if changes["vision"] else {}  # merged onto the tiny tower
     config = CogAgentConfig.from_preset("tiny", **{**_vocab(tokenizer), **changes["top"], **vision})
-    model = init_model(config, seed=args.seed).float()
-    if args.lm_init == "fan-in":
-        fan_in_language_model(model, seed=args.seed)
-    return tokenizer, model, changes
+    model = bench_readout.start_language_model(init_model(config, seed=args.seed), args.lm_init, args.seed)
+    return tokenizer, model.float(), changes
 
 
 def _vocab(tokenizer) -> dict:
