@@ -43,6 +43,8 @@ $(STAMP): pyproject.toml Makefile
 course: $(STAMP)
 	$(BIN)/cogagent-nb course --out $(RUN_DIR)
 
+# nbval runs each lesson as saved, except cells tagged `nbval-skip`: lesson 07's 4-minute learning run, which
+# `make course` runs in full and tests/test_notebooks_own_data.py runs short (the suite stays under 20 minutes).
 test: $(STAMP)
 	$(BIN)/python -m pytest --nbval-lax tests notebooks
 

@@ -26,6 +26,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -53,6 +54,10 @@ LAB_SETTINGS = {
 # train models: nbval runs them as saved and tests/test_notebooks_own_data.py on other data, and running
 # them again here would take most of CI's time for no browser-specific check.
 LESSONS = [REPO_ROOT / "notebooks" / name for name in ("01_data_format.ipynb", "02_loss_mask.ipynb")]
+# Lesson 02's mask experiment trains two small models (~100 s at its default): nbval runs it as saved, so
+# here, where the point is the page and its widgets, it runs short. The server's copy gets the value the
+# way a papermill user's run does (an injected-parameters cell after the tagged one), which the browser shows.
+BROWSER_PARAMETERS = {"mask_demo_steps": 10}
 
 
 def _require_browser():
@@ -78,9 +83,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Lab(NamedTuple):
+    url: str  # a format string: {workspace}, {path} (relative to root)
+    root: Path  # the folder the server serves (copies of the lessons, links to data/, solutions/, configs/)
+
+
+def _inject_parameters(notebook: Path, values: dict[str, object]) -> None:
+    """Give `notebook` the parameters it declares among `values`, as papermill does (the copy only)."""
+    import nbformat
+    import papermill
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    declared = papermill.inspect_notebook(str(notebook))
+    mine = {k: v for k, v in values.items() if k in declared}
+    if mine:  # papermill's own loader: it gives every cell the `tags` list that parameterize_notebook reads
+        nbformat.write(parameterize_notebook(load_notebook_node(str(notebook)), mine), notebook)
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[str]:
-    """A JupyterLab server on loopback serving the repository; yields its base URL with the token."""
+def lab(tmp_path_factory) -> Iterator[Lab]:
+    """A JupyterLab server on loopback serving copies of the lessons; yields its URL and its root."""
     _require_browser()
     port, token = _free_port(), uuid.uuid4().hex
     settings = tmp_path_factory.mktemp("lab-settings")
@@ -91,6 +114,8 @@ def lab(tmp_path_factory) -> Iterator[str]:
     # the server sees copies of the lessons (a browser session must never write into the repository)
     root = tmp_path_factory.mktemp("lab-root")
     shutil.copytree(REPO_ROOT / "notebooks", root / "notebooks")
+    for lesson in LESSONS:
+        _inject_parameters(root / "notebooks" / lesson.name, BROWSER_PARAMETERS)
     for name in ("data", "solutions", "configs"):  # what lessons read beside them (configs: lessons 03 on)
         (root / name).symlink_to(REPO_ROOT / name)
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), PYTHONPATH=str(REPO_ROOT), MPLBACKEND="")
@@ -117,7 +142,7 @@ def lab(tmp_path_factory) -> Iterator[str]:
                     pytest.fail(f"JupyterLab did not start: {Path(log.name).read_text()[-2000:]}")
                 time.sleep(0.5)
         # one workspace per page, reset: JupyterLab would otherwise restore the previous lesson's tabs
-        yield f"{base}/lab/workspaces/{{workspace}}/tree/{{path}}?token={token}&reset"
+        yield Lab(f"{base}/lab/workspaces/{{workspace}}/tree/{{path}}?token={token}&reset", root)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the kernels it started, by the server's PID
         try:
@@ -203,11 +228,11 @@ def _code_cells(notebook: Path) -> int:
 
 
 @pytest.mark.parametrize("notebook", LESSONS, ids=[p.stem for p in LESSONS])
-def test_lesson_runs_in_jupyterlab(notebook: Path, lab: str, browser) -> None:
+def test_lesson_runs_in_jupyterlab(notebook: Path, lab: Lab, browser) -> None:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(lab.format(workspace=notebook.stem, path=f"notebooks/{notebook.name}"), timeout=60_000)
-        _run_all_cells(page, _code_cells(notebook))
+        page.goto(lab.url.format(workspace=notebook.stem, path=f"notebooks/{notebook.name}"), timeout=60_000)
+        _run_all_cells(page, _code_cells(lab.root / "notebooks" / notebook.name))
         assert _tracebacks(page) == [], f"{notebook.name}: a cell failed in the browser"
         _screenshot(page, f"{notebook.stem}_after_run_all")
 
@@ -265,7 +290,8 @@ def test_course_site_opens(browser, tmp_path: Path) -> None:
     """The executed course as a static site: the index lists the lessons and shows their figures."""
     out = tmp_path / "course"
     subprocess.run(
-        [sys.executable, "-m", "cogagent_nb.cli", "course", "--only", "01", "02", "--out", str(out)],
+        [sys.executable, "-m", "cogagent_nb.cli", "course", "--only", "01", "02", "--out", str(out)]
+        + [arg for name, value in BROWSER_PARAMETERS.items() for arg in ("-p", name, str(value))],
         cwd=REPO_ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
     )  # fmt: skip
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
