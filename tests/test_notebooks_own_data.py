@@ -55,7 +55,8 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 
 
 # Short runs: what is tested here is that each lesson reads the learner's data, not how well it trains
-# (the defaults run in `make test` through nbval). Each lesson gets only the names it declares.
+# (the defaults run in `make test` through nbval, all but lesson 07's `nbval-skip` learning cell, whose only run in the
+# suite is this one). Each lesson gets only the names it declares.
 QUICK = {
     "max_steps": 10,  # 03, 04, 06
     "stop_at": 4,  # 06: stop, then resume
