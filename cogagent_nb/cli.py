@@ -325,17 +325,28 @@ def _add_course(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also write the lesson table between the course-table markers of this file",
     )
-    p.set_defaults(handler=_run_course)
+    p.set_defaults(handler=_input_errors_as_messages(_run_course))
 
 
 def _run_course(args: argparse.Namespace) -> int:
     import time
 
-    from cogagent_nb.course import find_lessons, read_parameters, run_course, update_table
+    from cogagent_nb.course import find_lessons, read_parameters, run_course, undeclared_parameters, update_table
 
+    if not args.lessons and not args.notebooks.is_dir():
+        raise FileNotFoundError(
+            f"{args.notebooks}: no such folder (run from the repository root, or pass --notebooks DIR)"
+        )
     lessons = args.lessons or find_lessons(args.notebooks, args.only)
+    parameters = read_parameters(args.parameter, args.parameters_file)
+    for name, close in undeclared_parameters(lessons, parameters).items():
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        print(
+            f"cogagent-nb course: warning: no lesson run here declares {name!r}; it changes nothing{hint}",
+            file=sys.stderr,
+        )
     out = args.out or Path("runs") / time.strftime("course-%Y%m%d-%H%M%S")
-    runs = run_course(lessons, out, read_parameters(args.parameter, args.parameters_file), site=not args.no_site)
+    runs = run_course(lessons, out, parameters, site=not args.no_site)
     failed = [r for r in runs if not r.ok]
     print(f"{len(runs) - len(failed)} of {len(lessons)} lessons ran; executed notebooks and summary in {out}")
     if not args.no_site:

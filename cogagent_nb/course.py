@@ -7,7 +7,8 @@
 2. runs each one with papermill (https://papermill.readthedocs.io), with the notebook's own folder as
    working directory (as under nbval and JupyterLab), passing only the parameters that the notebook
    declares in its `parameters` cell: a global `-p data_dir /my/data` reaches every lesson that reads
-   data and no other;
+   data and no other (a name that no lesson run declares gets a warning, with the declared names it
+   resembles: `undeclared_parameters`);
 3. stops at the first failure and names the notebook, the cell and the error;
 4. collects the key numbers each lesson records with `record(name, value)` (a notebook calls
    `cnb.record("click_in_box", 0.83)`; outside a course run the call only returns the value);
@@ -89,6 +90,22 @@ def parameters_for(notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]
     """The subset of the global parameters that this notebook declares; the others would be inert noise."""
     declared = declared_parameters(notebook)
     return {name: value for name, value in parameters.items() if name in declared}
+
+
+def undeclared_parameters(lessons: Sequence[Path], parameters: dict[str, Any]) -> dict[str, list[str]]:
+    """Parameters that none of `lessons` declares, each with the declared names it resembles.
+
+    A parameter reaches only the lessons that declare it, so a misspelt one (`-p learning_minute 10`)
+    would otherwise change nothing without a word; the course command warns with these suggestions.
+    """
+    import difflib
+
+    declared = set().union(*(declared_parameters(lesson) for lesson in lessons)) if lessons else set()
+    return {
+        name: difflib.get_close_matches(name, sorted(declared), n=3, cutoff=0.6)
+        for name in parameters
+        if name not in declared
+    }
 
 
 def absolutize_paths(parameters: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -88,6 +88,27 @@ def test_parameters_reach_only_the_lessons_that_declare_them(lessons: Path, tmp_
     }
 
 
+def test_a_parameter_no_lesson_declares_is_named_with_the_names_it_resembles(lessons: Path) -> None:
+    found = course.find_lessons(lessons)
+    assert course.undeclared_parameters(found, {"steps": 3, "step": 3, "data_dir": "d", "colour": 1}) == {
+        "step": ["steps"],
+        "colour": [],
+    }
+    # declared by lesson 01 only: a run of lesson 02 alone is told that it changes nothing there
+    assert course.undeclared_parameters(course.find_lessons(lessons, ["2"]), {"steps": 3}) == {"steps": []}
+
+
+def test_course_command_input_errors_are_one_line_with_exit_status_2(lessons: Path, tmp_path: Path, capsys) -> None:
+    assert cli_main(["course", "--notebooks", str(lessons), "--only", "09", "--out", str(tmp_path / "a")]) == 2
+    assert "cogagent-nb course: error: --only 09: no such lesson in" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert cli_main(["course", "--notebooks", str(missing), "--out", str(tmp_path / "b")]) == 2
+    assert (
+        f"{missing}: no such folder (run from the repository root, or pass --notebooks DIR)" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_record_is_a_no_op_outside_a_course_run(monkeypatch) -> None:
     monkeypatch.delenv(course.RECORD_ENV, raising=False)
     assert course.record("x", 1.5) == 1.5
@@ -101,6 +122,7 @@ def test_course_stops_at_the_first_failing_cell_and_names_it(lessons: Path, tmp_
     assert code == 1
     captured = capsys.readouterr()
     assert "02_second.ipynb failed at cell [3]: AssertionError: x=1 is not above threshold=1" in captured.err
+    assert "warning" not in captured.err, "every parameter given is declared by a lesson"
     assert "never runs" not in captured.out
 
     summary = json.loads((out / "summary.json").read_text())["lessons"]
