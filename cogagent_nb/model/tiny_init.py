@@ -74,8 +74,8 @@ def fan_in_language_model(model: nn.Module, seed: int = 0) -> nn.Module:
     uniform (logits ~0.05 apart), and at peak lr 1e-3 telling screen elements apart by their look ("click
     the blue one") stays near chance for 96k samples; at fan-in scale one draw of four learnt it (81%),
     the others stayed at 3-26%. What does learn it in every draw measured is the rate: at 3e-4 the preset's
-    0.02 start reaches 45-68% after 77k samples in three seeds out of three, and this start 70% (docs/
-    BENCHMARKS.md, "Sixth session" and "Seventh session"). So the preset keeps 0.02.
+    0.02 start reaches 45-68% after 77k samples in three seeds out of three, and this start 70%
+    (docs/BENCHMARKS.md, "Sixth session" and "Seventh session"). So the preset keeps 0.02.
 
     Only the decoder layers' weight matrices change (attention, dense, MLP); embeddings, the output layer,
     biases, norms and the vision tower keep their values. Weights read from a checkpoint are left alone.
