@@ -333,10 +333,6 @@ def _run_course(args: argparse.Namespace) -> int:
 
     from cogagent_nb.course import find_lessons, read_parameters, run_course, undeclared_parameters, update_table
 
-    if not args.lessons and not args.notebooks.is_dir():
-        raise FileNotFoundError(
-            f"{args.notebooks}: no such folder (run from the repository root, or pass --notebooks DIR)"
-        )
     lessons = args.lessons or find_lessons(args.notebooks, args.only)
     parameters = read_parameters(args.parameter, args.parameters_file)
     for name, close in undeclared_parameters(lessons, parameters).items():

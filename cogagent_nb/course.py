@@ -67,6 +67,10 @@ def record(name: str, value: Any) -> Any:
 # --- finding lessons and their parameters --------------------------------------------------------------
 def find_lessons(notebooks_dir: Path, only: Sequence[str] = ()) -> list[Path]:
     """The `NN_*.ipynb` files of a folder in lesson order; `only` keeps the given numbers (`"1"` = `"01"`)."""
+    if not Path(notebooks_dir).is_dir():
+        raise FileNotFoundError(
+            f"{notebooks_dir}: no such folder (run from the repository root, or pass --notebooks DIR)"
+        )
     lessons = sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if LESSON_PATTERN.match(p.name))
     if only:
         wanted = {f"{int(n):02d}" for n in only}

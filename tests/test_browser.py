@@ -91,12 +91,12 @@ class Lab(NamedTuple):
 def _inject_parameters(notebook: Path, values: dict[str, object]) -> None:
     """Give `notebook` the parameters it declares among `values`, as papermill does (the copy only)."""
     import nbformat
-    import papermill
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    declared = papermill.inspect_notebook(str(notebook))
-    mine = {k: v for k, v in values.items() if k in declared}
+    from cogagent_nb.course import parameters_for
+
+    mine = parameters_for(notebook, values)
     if mine:  # papermill's own loader: it gives every cell the `tags` list that parameterize_notebook reads
         nbformat.write(parameterize_notebook(load_notebook_node(str(notebook)), mine), notebook)
 
