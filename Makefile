@@ -38,6 +38,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	@echo "building DeepSpeed's CPU ops into the JIT cache (once per machine: ~3 minutes on 2 cores)"
+	$(BIN)/python -c "import cogagent_nb.train.distributed as d; print('built:', *d.build_cpu_ops())" \
+	  || echo "warning: DeepSpeed's CPU ops were not built now; the first ZeRO run on a CPU compiles them"
 	touch $(STAMP)
 
 course: $(STAMP)

@@ -121,6 +121,7 @@ PUBLIC_API: dict[str, str] = {
     "torchrun_command": "cogagent_nb.train.distributed",
     "deepspeed_command": "cogagent_nb.train.distributed",
     "launch": "cogagent_nb.train.distributed",
+    "build_cpu_ops": "cogagent_nb.train.distributed",
     "shell_form": "cogagent_nb.train.distributed",
     "deepspeed_config": "cogagent_nb.train.distributed",
     "write_deepspeed_config": "cogagent_nb.train.distributed",

@@ -62,6 +62,15 @@ def _losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
 
 
+def test_the_cpu_ops_are_built_into_the_jit_cache():
+    """`make setup` compiles DeepSpeed's CPU ops (`build_cpu_ops`); here they are found, or built once
+    for the launches below, in the folder that every launch reads (TORCH_EXTENSIONS_DIR)."""
+    built = dist.build_cpu_ops()
+    assert built == ["deepspeed_shm_comm", "fused_adam"]
+    cache = dist.use_jit_cache()
+    assert all((cache / name / f"{name}.so").is_file() for name in built), sorted(cache.glob("*/*.so"))
+
+
 def test_zero2_two_processes_make_the_same_update_as_one_batch_of_two(
     tiny_model_dir, two_samples, repo_root, reference, tmp_path
 ):

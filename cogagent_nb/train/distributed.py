@@ -21,7 +21,8 @@ in the one place where the Trainer's arguments are built (`cogagent_nb.train.fin
    `ACCELERATE_USE_DEEPSPEED=true` and `PartialState(backend="gloo")`, and asks the Trainer to use it
    (`accelerator_config={"use_configured_state": True}`). DeepSpeed's CPU accelerator then runs ZeRO over
    gloo and JIT-compiles one small C++ op (`deepspeed_shm_comm`, shared-memory all-reduce) on first use,
-   ~1 minute on 2 cores: `TORCH_EXTENSIONS_DIR` points at one cache that every later run reuses.
+   ~1 minute on 2 cores: `TORCH_EXTENSIONS_DIR` points at one cache that every later run reuses, and
+   `build_cpu_ops()` (called by `make setup`) fills it in advance.
 3. Plain data parallel (no DeepSpeed) on CPU: with several processes and no GPU, transformers only
    creates a gloo process group when `use_cpu=True`; otherwise each process would silently train alone.
 
@@ -144,6 +145,35 @@ def use_jit_cache(env: MutableMapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     env.setdefault(JIT_CACHE_VARIABLE, str(default_jit_cache()))
     return Path(env[JIT_CACHE_VARIABLE])
+
+
+# DeepSpeed's CPU accelerator compiles these on first use: the shared-memory all-reduce (every ZeRO run on
+# a CPU) and the CPU Adam behind ds_zero_3.json's `optimizer` block (~1 and ~2 minutes on 2 cores).
+CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+
+
+def build_cpu_ops(ops: Sequence[str] = CPU_OPS) -> list[str]:
+    """Compile DeepSpeed's CPU ops into the JIT cache now, so that no training run stops to compile them.
+
+    `make setup` calls this once: a launch, a lesson or a test then finds the ops built (torch rebuilds
+    only when the compiler command changes: another venv, another CPU). On an accelerator other than the
+    CPU nothing is built (its ops are CUDA or NPU code, compiled at first use or shipped prebuilt).
+    Returns the names of the ops built or found in the cache.
+    """
+    use_jit_cache()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return []
+    built = []
+    for op in ops:
+        builder = accelerator.create_op_builder(op)
+        if builder is None or not builder.is_compatible(verbose=False):
+            raise RuntimeError(f"DeepSpeed's {op} cannot be built here (no C++ compiler with OpenMP?)")
+        builder.load(verbose=False)
+        built.append(builder.NAME)
+    return built
 
 
 # --- DeepSpeed configuration ---------------------------------------------------------------------------------
