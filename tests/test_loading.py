@@ -106,6 +106,20 @@ def test_load_gives_the_file_weights_in_eval_mode(tiny_model_dir, tiny):
         assert torch.equal(tensor, stored[name]), name
 
 
+def test_the_loading_bar_shows_only_for_big_checkpoints(tiny_model_dir, capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from cogagent_nb.model import loading
+
+    assert hf_logging.is_progress_bar_enabled()
+    load(tiny_model_dir)
+    assert "Loading weights" not in capfd.readouterr().err, "a few MB load in milliseconds: no bar"
+    assert hf_logging.is_progress_bar_enabled(), "the user's setting is back after the load"
+    monkeypatch.setattr(loading, "LOADING_BAR_BYTES", 1)  # as if the tiny files were the 9B's
+    load(tiny_model_dir)
+    assert "Loading weights" in capfd.readouterr().err
+
+
 def test_save_load_round_trip_is_bit_identical(tiny, tiny_model_dir, tmp_path):
     tokenizer, model = tiny
     batch = image_batch(tokenizer, model)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,9 @@ IMPLEMENTED_ARCHITECTURES = frozenset(
 
 # Checkpoint keys that carry no information for this implementation: GLM-4 files store the rotary inverse
 # frequencies as a persistent buffer, but the official forward recomputes them (GLM-4 `modeling_chatglm.py`, `RotaryEmbedding`).
+# transformers' "Loading weights" bar is shown from this size on: the 9B's 28 GB take a while to read, a tiny
+# model's few MB load in milliseconds and the bar would only clutter a lesson's output.
+LOADING_BAR_BYTES = 1 << 30
 IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -137,16 +142,17 @@ def load(
     check_tokenizer_files(directory)
     use_safetensors = find_weights(directory, allow_pickle=allow_pickle) == "safetensors"
     config = CogAgentConfig.from_pretrained(directory)
-    model, info = CogAgentForConditionalGeneration.from_pretrained(
-        directory,
-        config=config,
-        dtype=torch_dtype,
-        device_map=device_map,
-        use_safetensors=use_safetensors,
-        local_files_only=True,
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,  # report shape mismatches in our error (with the key) instead of transformers'
-    )
+    with progress_bars_off(weights_bytes(directory) < LOADING_BAR_BYTES):
+        model, info = CogAgentForConditionalGeneration.from_pretrained(
+            directory,
+            config=config,
+            dtype=torch_dtype,
+            device_map=device_map,
+            use_safetensors=use_safetensors,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # shape mismatches go to our error (with the key), not transformers'
+        )
     check_loading_info(info, directory)
     model.eval()
     tokenizer = ChatGLM4Tokenizer.from_pretrained(directory)
@@ -155,6 +161,26 @@ def load(
 
         model = load_adapter(model, adapter).eval()
     return tokenizer, model
+
+
+def weights_bytes(directory: Path) -> int:
+    """The size of the weight files in `directory` (safetensors or pickle shards)."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in directory.glob(pattern))
+
+
+@contextmanager
+def progress_bars_off(off: bool = True) -> Iterator[None]:
+    """transformers' progress bars off for the block when `off`, then as they were (never switched on)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off and was_on:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model_dir(model_dir: str | os.PathLike, *, with_code: bool = False) -> Path:
