@@ -287,20 +287,21 @@ def test_lesson_runs_in_jupyterlab(notebook: Path, lab: Lab, browser) -> None:
 
 
 def test_course_site_opens(browser, tmp_path: Path) -> None:
-    """The executed course as a static site: the index lists the lessons and shows their figures."""
+    """The executed course as a static site: the index lists the lessons and shows their figures.
+
+    One lesson is enough to check the site (every lesson's run is tested elsewhere: nbval, own data)."""
     out = tmp_path / "course"
     subprocess.run(
-        [sys.executable, "-m", "cogagent_nb.cli", "course", "--only", "01", "02", "--out", str(out)]
-        + [arg for name, value in BROWSER_PARAMETERS.items() for arg in ("-p", name, str(value))],
+        [sys.executable, "-m", "cogagent_nb.cli", "course", "--only", "01", "--out", str(out)],
         cwd=REPO_ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
     )  # fmt: skip
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
     try:
         page.goto((out / "site" / "index.html").as_uri())
         rows = page.locator("#summary tr")
-        assert rows.count() == 2 + 2  # header, two lessons, total
+        assert rows.count() == 1 + 1 + 1  # header, the lesson, total
         images = page.locator("#figures img")
-        assert images.count() >= 2
+        assert images.count() >= 1, "the lesson's `course-figure` pictures (or its last one) are on the index"
         widths = images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
         assert all(w > 0 for w in widths), f"a figure did not load: {widths}"
         _screenshot(page, "site_index")
