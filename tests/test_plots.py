@@ -1,4 +1,5 @@
-"""Plots: a sample is drawn with one box per history step plus the target; the browser builds headless."""
+"""Plots: a sample is drawn with one box per history step plus the target; the browsers build headless and
+draw outside pyplot."""
 
 from __future__ import annotations
 
@@ -51,3 +52,36 @@ def test_show_samples_grid_and_browser(dev: list[dict], demo_data_dir: Path) -> 
     assert slider.value == 3
     with pytest.raises(ValueError, match="at least one"):
         sample_browser([], demo_data_dir)
+
+
+def test_the_browser_draws_outside_pyplot(dev: list[dict], demo_data_dir: Path, monkeypatch) -> None:
+    """Widget callbacks draw figures that pyplot does not track: the inline backend's `flush_figures`, which
+    ipykernel 7 runs on a subshell thread after some widget messages, would otherwise draw and close them
+    while a callback draws them (blank pictures in JupyterLab; see cogagent_nb.viz.widget_pictures)."""
+    made = []
+    pyplot_figure = plt.figure
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: made.append(1) or pyplot_figure(*a, **k))
+    browser = sample_browser(dev, demo_data_dir, start=0)
+    browser.children[0].children[2].click()  # ▶: a redraw, as a click in the browser makes
+    browser.children[0].children[3].value = True  # the history box: another
+    assert made == [], "the browser drew through pyplot"
+
+
+def test_compared_predictions_keep_their_operation_in_the_title() -> None:
+    from PIL import Image
+
+    from cogagent_nb.data.actions import Answer, parse_operation
+    from cogagent_nb.infer.generate import Prediction
+    from cogagent_nb.viz.predictions import compare_predictions
+
+    operation = parse_operation("CLICK(box=[[100,100,300,200]], element_info='OK')")
+    prediction = Prediction(
+        "Press OK", "Mac", "Action-Operation", (), "", "", Answer(action="Click OK.", operation=operation), None,
+        (640, 400), 20, True, Image.new("RGB", (640, 400), "white"),
+    )  # fmt: skip
+    fig = compare_predictions([prediction, prediction], ["before", "after"], detached=True)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles[0].startswith("before\nCLICK(") and titles[1].startswith("after\nCLICK("), titles
+    from matplotlib._pylab_helpers import Gcf
+
+    assert all(manager.canvas.figure is not fig for manager in Gcf.get_all_fig_managers()), "detached: not in pyplot"

@@ -24,6 +24,7 @@ from PIL import Image
 from cogagent_nb.data.actions import Action, Answer, parse_answer
 from cogagent_nb.data.boxes import to_pixels
 from cogagent_nb.data.prompts import PromptParts, parse_prompt
+from cogagent_nb.viz.widget_pictures import detached_subplots, png_picture
 
 TARGET_COLOUR = "#e11d48"
 HISTORY_COLOUR = "#2563eb"
@@ -76,6 +77,11 @@ def draw_box(
         )
 
 
+def screenshot_figsize(width: int, height: int) -> tuple[float, float]:
+    """Inches for one screenshot: 7 wide for a landscape screen, 4.5 for a phone (portrait)."""
+    return (7, 7 * height / width) if width >= height else (4.5, 4.5 * height / width)
+
+
 def show_sample(
     conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes | None = None, history: bool = False
 ) -> Axes:
@@ -90,7 +96,7 @@ def show_sample(
     view = read_sample(conversation, data_dir)
     width, height = view.image.size
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 7 * height / width) if width >= height else (4.5, 4.5 * height / width))
+        _, ax = plt.subplots(figsize=screenshot_figsize(width, height))
     ax.imshow(view.image)
     if history:
         for i, step in enumerate(view.prompt.history):
@@ -162,11 +168,13 @@ def sample_browser(conversations: Sequence[dict[str, Any]], data_dir: str | Path
 
     def render(index: int) -> None:
         conversation = conversations[index]
+        fig, ax = detached_subplots()  # not through pyplot: see cogagent_nb.viz.widget_pictures
+        show_sample(conversation, data_dir, ax=ax, history=history.value)
+        rows, columns = ax.images[0].get_size()
+        fig.set_size_inches(screenshot_figsize(columns, rows))
         with picture:
             picture.clear_output(wait=True)
-            ax = show_sample(conversation, data_dir, history=history.value)
-            display(ax.figure)
-            plt.close(ax.figure)
+            display(png_picture(fig))
         with text:
             text.clear_output(wait=True)
             for message in conversation["messages"]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw
 
 from cogagent_nb.data.boxes import box_center, to_pixels
+from cogagent_nb.viz.widget_pictures import detached_subplots, png_picture
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
@@ -95,15 +96,23 @@ def show_prediction(prediction: Prediction, *, target: Sequence[int] | None = No
 
 
 def compare_predictions(
-    predictions: Sequence[Prediction], titles: Sequence[str], *, target: Sequence[int] | None = None
+    predictions: Sequence[Prediction],
+    titles: Sequence[str],
+    *,
+    target: Sequence[int] | None = None,
+    detached: bool = False,
 ) -> plt.Figure:
-    """Several predictions on the same screenshot side by side (before / after fine-tuning, blank image...)."""
+    """Several predictions on the same screenshot side by side (before / after fine-tuning, blank image...).
+
+    detached: a figure that pyplot does not track, for widget callbacks (`cogagent_nb.viz.widget_pictures`).
+    """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(predictions), figsize=(5.5 * len(predictions), 4.6), squeeze=False)
+    make = detached_subplots if detached else plt.subplots
+    fig, axes = make(1, len(predictions), figsize=(5.5 * len(predictions), 4.6), squeeze=False)
     for ax, prediction, title in zip(axes[0], predictions, titles):
         show_prediction(prediction, target=target, ax=ax)
-        ax.set_title(f"{title}\n{ax.get_title()}", fontsize=8, loc="left")
+        ax.set_title(f"{title}\n{ax.get_title(loc='left')}", fontsize=8, loc="left")
     fig.tight_layout()
     return fig
 
@@ -269,7 +278,6 @@ def prediction_browser(models: dict[str, tuple[Any, Any]], samples: Sequence[Any
     The first sample is drawn at once, so an executed notebook shows a picture even without a kernel.
     """
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
     from IPython.display import display
 
     from cogagent_nb.data.actions import parse_answer
@@ -295,14 +303,13 @@ def prediction_browser(models: dict[str, tuple[Any, Any]], samples: Sequence[Any
                     image, sample.prompt, generated, parts.task, parts.platform, parts.answer_format, parts.history
                 )
             )
+        fig = compare_predictions(predictions, list(models), target=target, detached=True)
         with output:
             output.clear_output(wait=True)
             print(
                 f"task: {parts.task}\nreference: {sample.reference.splitlines()[-2 if len(sample.reference.splitlines()) > 1 else 0]}"
             )
-            fig = compare_predictions(predictions, list(models), target=target)
-            display(fig)
-            plt.close(fig)
+            display(png_picture(fig))
 
     picker.observe(lambda change: render(change["new"]), names="value")
     render(0)
