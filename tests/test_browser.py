@@ -50,14 +50,24 @@ LAB_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
 }
-# The lessons whose point in a browser is a widget (the sample browser, the mask browser). Lessons 03-07
-# train models: nbval runs them as saved and tests/test_notebooks_own_data.py on other data, and running
-# them again here would take most of CI's time for no browser-specific check.
-LESSONS = [REPO_ROOT / "notebooks" / name for name in ("01_data_format.ipynb", "02_loss_mask.ipynb")]
-# Lesson 02's mask experiment trains two small models (~100 s at its default): nbval runs it as saved, so
-# here, where the point is the page and its widgets, it runs short. The server's copy gets the value the
-# way a papermill user's run does (an injected-parameters cell after the tagged one), which the browser shows.
-BROWSER_PARAMETERS = {"mask_demo_steps": 10}
+# The lessons whose point in a browser is a widget: the sample browser (01), the mask browser (02), the
+# prediction browser (07). Lessons 03-06 train models without a widget: nbval runs them as saved and
+# tests/test_notebooks_own_data.py on other data, and running them here would add no browser-specific check.
+LESSONS = [
+    REPO_ROOT / "notebooks" / name for name in ("01_data_format.ipynb", "02_loss_mask.ipynb", "07_inference.ipynb")
+]
+# Their training runs short here, where the point is the page and its widgets (nbval runs them as saved):
+# lesson 02's mask experiment (~100 s at its default), lesson 07's fine-tuning and learning runs. The server's
+# copy gets the values the way a papermill user's run does (an injected-parameters cell after the tagged
+# one), which the browser shows.
+BROWSER_PARAMETERS = {
+    "mask_demo_steps": 10,  # 02
+    "train_steps": 4,  # 07
+    "eval_limit": 4,  # 07
+    "agent_episodes": 1,  # 07
+    "learning_minutes": 0.05,  # 07
+    "learning_episodes": 1,  # 07
+}
 
 
 def _require_browser():
@@ -227,6 +237,38 @@ def _code_cells(notebook: Path) -> int:
     return sum(c["cell_type"] == "code" for c in json.loads(notebook.read_text())["cells"])
 
 
+def _drawn_share(page, selector: str) -> float:
+    """The share of a picture's pixels that are not white: ~0 for the blank redraws that a pyplot figure
+    in a widget callback can give (cogagent_nb.viz.widget_pictures), most of it for a screenshot."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    src = page.eval_on_selector(selector, "img => img.src")
+    assert src.startswith("data:image/png;base64,"), f"{selector}: not an inline PNG ({src[:40]})"
+    grey = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L")
+    return 1 - sum(grey.histogram()[245:]) / (grey.width * grey.height)
+
+
+def _pick_another_screen(page, picker, lesson: str) -> None:
+    """Choose the second screen of a dropdown; wait until the kernel has redrawn the widget's picture."""
+    output = page.locator(".widget-output").first
+    output.scroll_into_view_if_needed()
+    before = output.inner_text()
+    picker.select_option(index=1)
+    page.wait_for_function(
+        "b => { const o = document.querySelector('.widget-output'), i = o?.querySelector('img');"
+        " return o.innerText !== b && i?.complete && i.naturalWidth > 100; }",
+        arg=before,
+        timeout=60_000,
+    )
+    assert output.inner_text() != before, f"{lesson}: the dropdown did not change the answer shown"
+    page.wait_for_timeout(1500)
+    drawn = _drawn_share(page, ".widget-output img")
+    assert drawn > 0.15, f"{lesson}: the redrawn screenshots are blank ({drawn:.0%} of the pixels drawn)"
+
+
 @pytest.mark.parametrize("notebook", LESSONS, ids=[p.stem for p in LESSONS])
 def test_lesson_runs_in_jupyterlab(notebook: Path, lab: Lab, browser) -> None:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -240,12 +282,15 @@ def test_lesson_runs_in_jupyterlab(notebook: Path, lab: Lab, browser) -> None:
             ".jp-OutputArea-output .jupyter-widgets.widget-container, .jp-OutputArea-output .widget-slider"
         )
         reprs = page.locator(".jp-OutputArea-output", has_text="VBox(children=")
-        if notebook.name.startswith(("01_", "02_")):  # the lessons known to hold a browser widget
-            assert widgets.count() > 0, f"{notebook.name}: no widget rendered"
+        assert widgets.count() > 0, f"{notebook.name}: no widget rendered"
         assert reprs.count() == 0, (
             f"{notebook.name}: a widget shows as its text repr (is jupyterlab_widgets installed?)"
         )
 
+        picker = page.locator(".widget-dropdown select").first
+        if picker.count():  # lesson 07's prediction browser: another screen, answered and drawn by the kernel
+            _pick_another_screen(page, picker, notebook.name)
+            _screenshot(page, f"{notebook.stem}_widget")
         slider = page.locator(".widget-slider").first
         if slider.count():
             slider.scroll_into_view_if_needed()
@@ -269,6 +314,8 @@ def test_lesson_runs_in_jupyterlab(notebook: Path, lab: Lab, browser) -> None:
                     ".some(i => i.complete && i.naturalWidth > 100)",
                     timeout=60_000,
                 )
+                drawn = _drawn_share(page, ".widget-hbox .jp-OutputArea-output img")
+                assert drawn > 0.15, f"{notebook.name}: the redrawn screenshot is blank ({drawn:.0%} drawn)"
             else:  # a slider alone: drive it with the keyboard
                 page.locator(".widget-slider .ui-slider-handle, .widget-slider .noUi-handle").first.focus()
                 page.keyboard.press("ArrowRight")
