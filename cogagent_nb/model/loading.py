@@ -48,11 +48,12 @@ IMPLEMENTED_ARCHITECTURES = frozenset(
     {"ChatGLMForConditionalGeneration", "ChatGLMModel", "CogAgentForConditionalGeneration"}
 )
 
-# Checkpoint keys that carry no information for this implementation: GLM-4 files store the rotary inverse
-# frequencies as a persistent buffer, but the official forward recomputes them (GLM-4 `modeling_chatglm.py`, `RotaryEmbedding`).
 # transformers' "Loading weights" bar is shown from this size on: the 9B's 28 GB take a while to read, a tiny
 # model's few MB load in milliseconds and the bar would only clutter a lesson's output.
 LOADING_BAR_BYTES = 1 << 30
+
+# Checkpoint keys that carry no information for this implementation: GLM-4 files store the rotary inverse
+# frequencies as a persistent buffer, but the official forward recomputes them (GLM-4 `modeling_chatglm.py`, `RotaryEmbedding`).
 IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")
 
 DTYPES: dict[str, torch.dtype | str] = {
