@@ -58,6 +58,7 @@ PUBLIC_API: dict[str, str] = {
     "load_conversations": "cogagent_nb.data.validation",
     "load_split": "cogagent_nb.data.validation",
     "held_out_split": "cogagent_nb.data.validation",
+    "present_splits": "cogagent_nb.data.validation",
     "conversation_image": "cogagent_nb.data.validation",
     "episode_around": "cogagent_nb.data.validation",
     "make_demo_data": "cogagent_nb.data.synthetic",

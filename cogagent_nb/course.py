@@ -104,7 +104,7 @@ def undeclared_parameters(lessons: Sequence[Path], parameters: dict[str, Any]) -
     """
     import difflib
 
-    declared = set().union(*(declared_parameters(lesson) for lesson in lessons)) if lessons else set()
+    declared = set().union(*(declared_parameters(lesson) for lesson in lessons))
     return {
         name: difflib.get_close_matches(name, sorted(declared), n=3, cutoff=0.6)
         for name in parameters

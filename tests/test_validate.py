@@ -21,8 +21,10 @@ from cogagent_nb.data.validation import (
     DataFormatError,
     Problem,
     conversation_image,
+    held_out_split,
     load_conversations,
     load_split,
+    present_splits,
     validate_file,
     validate_paths,
 )
@@ -404,3 +406,16 @@ def test_episode_around_finds_the_consecutive_steps_of_an_episode(demo_data_dir)
     assert episode_around(samples, 0) == episode  # any step gives the whole episode
     second = episode_around(samples, last_step + 1)
     assert second[0] is samples[last_step + 1] and len(second) >= 2
+
+
+def test_present_splits_and_the_held_out_one(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    assert present_splits(tmp_path) == ["train"] and held_out_split(tmp_path) == "train"
+    (tmp_path / "test.jsonl").write_text("")
+    assert present_splits(tmp_path) == ["train", "test"] and held_out_split(tmp_path) == "test"
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        present_splits(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no train.jsonl, dev.jsonl or test.jsonl"):
+        held_out_split(empty)

@@ -124,13 +124,27 @@ def load_split(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
     return load_conversations(Path(data_dir) / f"{split}.jsonl")
 
 
+def present_splits(data_dir: str | Path) -> list[str]:
+    """The splits whose file a dataset folder holds, in `SPLITS` order; a missing folder is an error.
+
+    A learner's own folder may hold train.jsonl alone, so lessons ask rather than assume all three.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"data_dir {folder.resolve()}: no such folder (a dataset folder holds train.jsonl and images/)"
+        )
+    return [split for split in SPLITS if (folder / f"{split}.jsonl").is_file()]
+
+
 def held_out_split(data_dir: str | Path) -> str:
     """The split to show a model's answers on: "test", else "dev", else "train" (the first file present).
 
     A learner's own folder may hold train.jsonl alone; lessons then show a training sample and say so.
     """
+    present = present_splits(data_dir)
     for split in ("test", "dev", "train"):
-        if (Path(data_dir) / f"{split}.jsonl").is_file():
+        if split in present:
             return split
     raise FileNotFoundError(f"{data_dir}: no train.jsonl, dev.jsonl or test.jsonl (see lesson 01 for the layout)")
 
