@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW; train_tiny's default)")
+    parser.add_argument(
+        "--vision-lr-scale",
+        type=float,
+        default=g.VISION_LR_SCALE,
+        help="the vision tower's learning rate as a fraction of --lr (train_tiny's default; 1.0: one rate)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=96, help="held-out episodes (96 = about 456 samples)")
     parser.add_argument(
         "--untrained-episodes",
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         clock=args.clock,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        vision_lr_scale=args.vision_lr_scale,
         grounding_per_step=args.grounding_per_step,
         grounding_first=args.grounding_first,
         workers=args.workers,

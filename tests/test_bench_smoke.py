@@ -47,7 +47,7 @@ def test_bench_readout_runs_each_task_and_writes_json(tmp_path: Path) -> None:
     for task, numbers, lm_init in cases:
         out = tmp_path / f"{task}.json"
         argv = ["--task", task, "--numbers", numbers, "--lm-init", lm_init, "--steps", "2", "--evals", "1,2"]
-        argv += ["--eval-samples", "2"]
+        argv += ["--eval-samples", "2", "--vision-lr-scale", "0.3" if task == "labelled" else "1.0"]
         report = bench_readout.main(argv + ["--batch-size", "2", "--first-digit-weight", "3", "--json", str(out)])
         assert json.loads(out.read_text())["rows"] == report["rows"]
         assert [row["step"] for row in report["rows"]] == [1, 2], task
@@ -60,12 +60,13 @@ def test_bench_learning_runs_and_writes_the_table_and_the_targets(tmp_path: Path
 
     out = tmp_path / "learning.json"
     argv = ["--max-steps", "2", "--batch-size", "2", "--eval-episodes", "2", "--untrained-episodes", "1"]
-    report = bench_learning.main(argv + ["--baseline-episodes", "4", "--lm-init", "fan-in", "--json", str(out)])
+    argv += ["--baseline-episodes", "4", "--lm-init", "fan-in", "--vision-lr-scale", "0.5"]
+    report = bench_learning.main(argv + ["--json", str(out)])
     written = json.loads(out.read_text())
     assert written["results"] == report["results"] and written["training"]["steps"] == 2
     assert set(report["results"]) == {"untrained", "most common box", "text-only guess", "blank image", "trained"}
     assert set(written["by_target"]) == {"trained", "blank image"} and written["by_target"]["trained"]
-    assert written["args"]["lm_init"] == "fan-in"  # the run's arguments are recorded
+    assert written["args"]["lm_init"] == "fan-in" and written["args"]["vision_lr_scale"] == 0.5  # arguments recorded
 
 
 def test_bench_readout_up_weights_exactly_the_first_digit_of_each_number() -> None:

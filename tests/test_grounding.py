@@ -70,6 +70,18 @@ def test_train_tiny_lowers_the_loss_and_ends_in_eval_mode(tiny_model_dir) -> Non
     assert not model.training
 
 
+def test_train_tiny_trains_the_vision_tower_at_its_own_rate(tiny_model_dir) -> None:
+    tokenizer, model = cnb.load(tiny_model_dir)
+    groups = g.parameter_groups(model, 0.3)
+    assert [group["lr_scale"] for group in groups] == [0.3, 1.0]
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+    tower, language = model.transformer.vision.patch_embedding.proj.weight, model.transformer.output_layer.weight
+    before = tower.detach().clone(), language.detach().clone()
+    g.train_tiny(model, tokenizer, minutes=5, max_steps=2, batch_size=2, vision_lr_scale=0.0, log_every=0)
+    assert torch.equal(tower, before[0])  # a rate of 0: the tower is left as it was
+    assert not torch.equal(language, before[1])
+
+
 def test_the_tiny_preset_puts_image_vectors_at_the_text_scale() -> None:
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.loading import init_model
