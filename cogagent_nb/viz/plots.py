@@ -77,13 +77,13 @@ def draw_box(
         )
 
 
-def screenshot_figsize(width: int, height: int) -> tuple[float, float]:
-    """Inches for one screenshot: 7 wide for a landscape screen, 4.5 for a phone (portrait)."""
-    return (7, 7 * height / width) if width >= height else (4.5, 4.5 * height / width)
-
-
 def show_sample(
-    conversation: dict[str, Any], data_dir: str | Path, *, ax: Axes | None = None, history: bool = False
+    conversation: dict[str, Any],
+    data_dir: str | Path,
+    *,
+    ax: Axes | None = None,
+    history: bool = False,
+    detached: bool = False,
 ) -> Axes:
     """A screenshot in a frame with its target box (solid red); `history=True` adds the history steps'
     boxes (dashed blue, labelled "earlier screen").
@@ -92,11 +92,14 @@ def show_sample(
     elements; they are drawn only when asked, to show where the agent clicked before, which the model
     reads from the prompt as text (it never sees the old screenshots). A portrait screenshot (a phone)
     gets a thick dark bezel so that its white edges do not melt into the page.
+    detached: without `ax`, draw on a figure that pyplot does not track, for widget callbacks
+    (`cogagent_nb.viz.widget_pictures`).
     """
     view = read_sample(conversation, data_dir)
     width, height = view.image.size
     if ax is None:
-        _, ax = plt.subplots(figsize=screenshot_figsize(width, height))
+        make = detached_subplots if detached else plt.subplots
+        _, ax = make(figsize=(7, 7 * height / width) if width >= height else (4.5, 4.5 * height / width))
     ax.imshow(view.image)
     if history:
         for i, step in enumerate(view.prompt.history):
@@ -168,13 +171,10 @@ def sample_browser(conversations: Sequence[dict[str, Any]], data_dir: str | Path
 
     def render(index: int) -> None:
         conversation = conversations[index]
-        fig, ax = detached_subplots()  # not through pyplot: see cogagent_nb.viz.widget_pictures
-        show_sample(conversation, data_dir, ax=ax, history=history.value)
-        rows, columns = ax.images[0].get_size()
-        fig.set_size_inches(screenshot_figsize(columns, rows))
+        ax = show_sample(conversation, data_dir, history=history.value, detached=True)  # not through pyplot
         with picture:
             picture.clear_output(wait=True)
-            display(png_picture(fig))
+            display(png_picture(ax.figure))
         with text:
             text.clear_output(wait=True)
             for message in conversation["messages"]:
