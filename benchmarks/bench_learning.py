@@ -103,7 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tiny preset field (vision.KEY for the vision config), e.g. vision.scaling_factor=1",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.vision_lr_scale >= 0:
+        parser.error(f"--vision-lr-scale {args.vision_lr_scale}: expected 0 (tower frozen) or more (1: one rate)")
+    return args
 
 
 def _overrides(pairs: list[str]) -> dict:

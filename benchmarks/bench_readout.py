@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    if not args.vision_lr_scale >= 0:
+        parser.error(f"--vision-lr-scale {args.vision_lr_scale}: expected 0 (tower frozen) or more (1: one rate)")
     try:
         args.evals = sorted({int(step) for step in args.evals.split(",")})
     except ValueError:

@@ -115,7 +115,18 @@ def test_bench_readout_refuses_wrong_arguments_by_name(capsys) -> None:
         (["--evals", "3,x"], "expected step numbers"),
         (["--evals", "0,3"], "steps count from 1"),
         (["--objects", "9"], "1 to 6 rectangles"),
+        (["--vision-lr-scale", "-0.3"], "--vision-lr-scale -0.3: expected 0"),
     ):
         with pytest.raises(SystemExit):
             bench_readout.parse_args(argv)
         assert words in capsys.readouterr().err, argv
+
+
+def test_bench_learning_refuses_a_negative_vision_rate(capsys) -> None:
+    import pytest
+
+    from benchmarks import bench_learning
+
+    with pytest.raises(SystemExit):
+        bench_learning.parse_args(["--vision-lr-scale", "-1"])
+    assert "--vision-lr-scale -1.0: expected 0" in capsys.readouterr().err

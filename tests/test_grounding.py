@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 import cogagent_nb as cnb
@@ -74,6 +75,8 @@ def test_train_tiny_trains_the_vision_tower_at_its_own_rate(tiny_model_dir) -> N
     tokenizer, model = cnb.load(tiny_model_dir)
     groups = g.parameter_groups(model, 0.3)
     assert [group["lr_scale"] for group in groups] == [0.3, 1.0]
+    with pytest.raises(ValueError, match="vision_lr_scale must be >= 0"):
+        g.parameter_groups(model, -0.3)
     assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
     tower, language = model.transformer.vision.patch_embedding.proj.weight, model.transformer.output_layer.weight
     before = tower.detach().clone(), language.detach().clone()

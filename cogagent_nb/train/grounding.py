@@ -156,6 +156,8 @@ against 19.3% (blank screenshots 15.5% and 17.0%): a small step, not the issue's
 
 def parameter_groups(model, vision_lr_scale: float) -> list[dict[str, Any]]:
     """AdamW groups: the vision tower (`transformer.vision`) with `lr_scale` = `vision_lr_scale`, the rest 1.0."""
+    if not vision_lr_scale >= 0:  # also catches NaN
+        raise ValueError(f"vision_lr_scale must be >= 0 (0 freezes the tower, 1 is one rate), got {vision_lr_scale}")
     tower = {id(p) for p in model.transformer.vision.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     return [
