@@ -158,6 +158,55 @@ def test_launch_streams_lines_and_reports_failure(capsys):
         result.check()
 
 
+def test_a_failed_launch_shows_the_workers_error_above_the_launchers_summary():
+    # a worker's traceback, then 50 lines of launcher summary and the launcher's own traceback (as torchrun)
+    code = "import sys; print('[rank1]: Traceback (most recent call last):'); print('[rank1]: ValueError: bad row')\n"
+    code += "for i in range(50): print(f'summary {i}')\n"
+    code += "print('Traceback (most recent call last):'); print('  File \"/v/torch/distributed/run.py\", line 9')\n"
+    code += "sys.exit(1)"
+    result = dist.launch([sys.executable, "-c", code], echo=False)
+    assert result.first_error().splitlines()[:2] == [
+        "[rank1]: Traceback (most recent call last):",
+        "[rank1]: ValueError: bad row",
+    ]
+    with pytest.raises(RuntimeError, match=r"first error:\n\[rank1\]: Traceback.*\n.*ValueError: bad row") as raised:
+        result.check()
+    assert "last lines:" in str(raised.value) and "summary 49" in str(raised.value)
+    # only the launcher's traceback: nothing to single out
+    assert dist.LaunchResult(["x"], 1, 0.1, result.lines[52:]).first_error() == ""
+
+
+def test_deepspeed_shm_buffer_is_named_as_deepspeed_names_it_and_only_when_it_makes_one(tmp_path):
+    env = {"LOCAL_SIZE": "2", "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+    buffer = dist.deepspeed_shm_buffer(env, shm_dir=tmp_path)
+    assert buffer == tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29512_1"
+    # torchrun sets no LOCAL_SIZE, and ranks on several machines use no shared memory: no buffer
+    assert dist.deepspeed_shm_buffer({**env, "LOCAL_SIZE": ""}) is None
+    assert dist.deepspeed_shm_buffer({**env, "WORLD_SIZE": "4"}) is None
+
+
+def test_finish_distributed_closes_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as torch_dist
+
+    assert not torch_dist.is_initialized() and dist.finish_distributed() is False
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.finish_distributed() is True
+    assert not torch_dist.is_initialized()
+
+
+def test_a_worker_killed_by_a_signal_is_named_not_the_siblings_the_launcher_ended():
+    torchrun = [
+        "  traceback : Signal 15 (SIGTERM) received by PID 7",
+        "  traceback : Signal 6 (SIGABRT) received by PID 8",
+    ]
+    assert dist.LaunchResult(["torchrun"], 1, 1.0, torchrun).worker_signal() == "SIGABRT"
+    deepspeed = ["[ERROR] [launch.py:259:sigkill_handler] ['python', 'finetune.py'] exits with return code = -11"]
+    assert dist.LaunchResult(["deepspeed"], 1, 1.0, deepspeed).worker_signal() == "SIGSEGV"
+    assert dist.LaunchResult(["x"], 1, 1.0, ["Traceback (most recent call last):"]).worker_signal() is None
+    with pytest.raises(RuntimeError, match=r"exited with 1 \(a worker was killed by SIGABRT\); last lines"):
+        dist.LaunchResult(["torchrun"], 1, 1.0, torchrun).check()
+
+
 def test_launch_stops_a_silent_process_at_the_timeout():
     code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
     code += "time.sleep(60)"  # a launcher with a worker, both silent

@@ -23,6 +23,8 @@ import json
 import os
 import shutil
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,10 +53,22 @@ def _script_args(data: Path, model: Path, config: str, overrides: list[str], res
     return args + [part for override in overrides for part in ("--set", override)]
 
 
-def _run(command: list[str], repo_root: Path) -> dist.LaunchResult:
-    result = dist.launch(command, cwd=repo_root, echo=False, timeout=400).check()
+def _run(command: list[str], repo_root: Path, prepare: Callable[[], None] = lambda: None) -> dist.LaunchResult:
+    """Launch after `prepare()` (which sets up the output folder); once more only if a worker died by a signal.
+
+    A worker of a 2-process gloo run on CPU died once by SIGABRT in CI, in one run of many, and was not
+    reproduced locally. The rerun starts from what `prepare` sets up, and the first attempt's error is kept as
+    a warning in the test report. A Python error or a wrong result is never retried.
+    """
+    for attempt in (1, 2):
+        prepare()
+        result = dist.launch(command, cwd=repo_root, echo=False, timeout=400)
+        signal = result.worker_signal() if result.returncode != 0 else None
+        if signal is None or attempt == 2:
+            break
+        warnings.warn(f"a worker died by {signal}; launching again. First error:\n{result.first_error()}", stacklevel=2)
     print(f"{' '.join(command[:4])} ...: {result.seconds:.1f} s")  # the run times, shown with pytest -s
-    return result
+    return result.check()
 
 
 def _losses(output_dir: Path) -> list[tuple[int, float]]:
@@ -82,7 +96,9 @@ def test_zero2_two_processes_make_the_same_update_as_one_batch_of_two(
     ]
     overrides.append("training_args.deepspeed=configs/ds_zero_2.json")
     args = _script_args(two_samples, tiny_model_dir, "configs/tiny_sft.yaml", overrides)
-    result = _run(dist.torchrun_command(args, nproc_per_node=2), repo_root)
+    result = _run(
+        dist.torchrun_command(args, nproc_per_node=2), repo_root, lambda: shutil.rmtree(out, ignore_errors=True)
+    )
     assert any("finetune: 1 steps" in line for line in result.lines)
     assert (out / "checkpoint-1" / "global_step1").is_dir(), "a DeepSpeed checkpoint (ZeRO shards) was written"
     loss_tests._assert_same_update(loss_tests._weights_after_one_step(out), reference, "ZeRO-2, 2 processes x batch 1")
@@ -103,9 +119,10 @@ def _single_process(args: list[str]) -> list[str]:
     ],
 )
 def test_zero2_resume_is_exact(recipe, first, second, saved, tiny_model_dir, tiny_train_data, repo_root, tmp_path):
+    port = dist.free_port()
     launchers = {
         "torchrun": lambda args: dist.torchrun_command(args, nproc_per_node=2),
-        "deepspeed": lambda args: dist.deepspeed_command(args, num_gpus=2, master_port=dist.free_port()),
+        "deepspeed": lambda args: dist.deepspeed_command(args, num_gpus=2, master_port=port),
         "python": _single_process,
     }
     config = f"configs/{recipe}.yaml"
@@ -113,23 +130,30 @@ def test_zero2_resume_is_exact(recipe, first, second, saved, tiny_model_dir, tin
     common = [*QUIET, "training_args.max_steps=4", "training_args.save_steps=2", "training_args.save_total_limit=3"]
     common += ["training_args.per_device_train_batch_size=1", "training_args.deepspeed=configs/ds_zero_2.json"]
     args = _script_args(tiny_train_data, tiny_model_dir, config, [*common, f"training_args.output_dir={straight}"])
-    _run(launchers[first](args), repo_root)
+    _run(launchers[first](args), repo_root, prepare=lambda: shutil.rmtree(straight, ignore_errors=True))
     want = _losses(straight)
     assert [step for step, _ in want] == [1, 2, 3, 4]
     assert len({loss for _, loss in want}) == 4, "the losses must change, or the comparison proves nothing"
 
     # The interrupted run: what the uninterrupted one had on disk after step 2, resumed with RESUME=yes.
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    def interrupted() -> None:
+        shutil.rmtree(resumed, ignore_errors=True)
+        resumed.mkdir()
+        shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+
     args = _script_args(
         tiny_train_data, tiny_model_dir, config, [*common, f"training_args.output_dir={resumed}"], resume="yes"
     )
-    result = _run(launchers[second](args), repo_root)
+    result = _run(launchers[second](args), repo_root, prepare=interrupted)
     assert any("resuming from" in line and "checkpoint-2" in line for line in result.lines)
     got = _losses(resumed)
     assert got == want, f"resumed {got} != uninterrupted {want}"  # exact floats, every step
     assert (resumed / "checkpoint-4" / saved).is_file()
     assert (resumed / "checkpoint-4" / "global_step4").is_dir(), "the resumed run saved DeepSpeed state too"
+    # DeepSpeed's CPU backend makes a 66 MB shared-memory buffer per rank under its own launcher and never
+    # removes it; prepare_distributed removes each rank's at exit (dist.deepspeed_shm_buffer)
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, f"shared-memory buffers left behind: {left}"
 
 
 def test_zero3_full_finetune_over_rendezvous_consolidates_to_an_official_folder(
@@ -144,7 +168,7 @@ def test_zero3_full_finetune_over_rendezvous_consolidates_to_an_official_folder(
     endpoint = f"127.0.0.1:{dist.free_port()}"
     command = dist.torchrun_command(args, nproc_per_node=2, nnodes=1, node_rank=0, rdzv_endpoint=endpoint)
     assert "--rdzv_backend=c10d" in command and "--standalone" not in command
-    _run(command, repo_root)
+    _run(command, repo_root, lambda: shutil.rmtree(out, ignore_errors=True))
     checkpoint = out / "checkpoint-2"
     shards = sorted(p.name for p in (checkpoint / "global_step2").iterdir())
     assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in shards, f"weights are sharded over 2 ranks: {shards}"

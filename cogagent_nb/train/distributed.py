@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -404,6 +405,7 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
         if on_cpu:
             args["accelerator_config"] = _with_configured_state(args.get("accelerator_config"))
             init_cpu_deepspeed_state()
+            remove_shm_buffer_at_exit()
     elif on_cpu and info.distributed:
         args["use_cpu"] = True
         args.setdefault("ddp_backend", "gloo")
@@ -421,6 +423,35 @@ def _with_configured_state(accelerator_config: Any) -> dict[str, Any]:
     )
 
 
+def deepspeed_shm_buffer(env: Mapping[str, str] | None = None, shm_dir: Path = Path("/dev/shm")) -> Path | None:
+    """This rank's shared-memory all-reduce buffer that DeepSpeed makes on a CPU, or None when it makes none.
+
+    DeepSpeed's CPU backend creates one ~66 MB segment per rank, named after the user id, MASTER_ADDR,
+    MASTER_PORT and the rank, whenever all ranks are on one machine (its own launcher sets LOCAL_SIZE to
+    the world size). DeepSpeed 0.19 never removes it, so every run of the `deepspeed` launcher on a CPU
+    would leave 2 x 66 MB of RAM-backed files in /dev/shm until the machine restarts.
+    """
+    env = os.environ if env is None else env
+    local_size, world_size = env.get("LOCAL_SIZE", ""), env.get("WORLD_SIZE", "1")
+    if not local_size or local_size != world_size:
+        return None
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    return shm_dir / f"{name}_{env.get('RANK', '0')}"
+
+
+def remove_shm_buffer_at_exit() -> Path | None:
+    """Remove this rank's DeepSpeed shared-memory buffer when the process ends (see `deepspeed_shm_buffer`).
+
+    The other ranks may still have it mapped; removing the name only frees the memory once they are done.
+    """
+    import atexit
+
+    buffer = deepspeed_shm_buffer()
+    if buffer is not None:
+        atexit.register(buffer.unlink, missing_ok=True)
+    return buffer
+
+
 def init_cpu_deepspeed_state():
     """Create accelerate's process state for DeepSpeed over gloo (case 2 of the module docstring).
 
@@ -436,6 +467,24 @@ def init_cpu_deepspeed_state():
             "create nothing with accelerate before prepare_distributed()"
         )
     return state
+
+
+def finish_distributed() -> bool:
+    """End a finished multi-process run cleanly: wait for every rank, then close the process group.
+
+    Without it a rank can exit while a peer's gloo thread still talks to it; gloo then throws in that
+    thread and the peer dies by SIGABRT although training succeeded. PyTorch's docs ask for
+    `destroy_process_group()` before a process exits.
+    Call only after success: after a failure the barrier would wait for ranks that are gone. Returns
+    whether there was a process group to close.
+    """
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return False
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    return True
 
 
 def deepspeed_available() -> bool:
@@ -512,11 +561,53 @@ class LaunchResult:
     lines: list[str]
 
     def check(self) -> LaunchResult:
-        """Raise with the last lines of output when the run failed; return self otherwise."""
+        """Raise when the run failed, with the first error any worker printed and the last lines; else self.
+
+        A launcher's last lines are its own summary ("exitcode -6, SIGABRT"); the worker's message that says
+        why is often far above it, so it is shown first.
+        """
         if self.returncode != 0:
-            tail = "\n".join(self.lines[-40:])
-            raise RuntimeError(f"{' '.join(self.command)} exited with {self.returncode}; last lines:\n{tail}")
+            cause, tail = self.first_error(), "\n".join(self.lines[-40:])
+            shown = f"first error:\n{cause}\n...\nlast lines:\n{tail}" if cause else f"last lines:\n{tail}"
+            killed = f" (a worker was killed by {signal})" if (signal := self.worker_signal()) else ""
+            raise RuntimeError(f"{' '.join(self.command)} exited with {self.returncode}{killed}; {shown}")
         return self
+
+    def worker_signal(self) -> str | None:
+        """The signal that killed a worker ("SIGABRT"), as the launcher reports it; None if none was killed.
+
+        The launcher ends the other workers with SIGTERM once one has died, so another signal is the cause.
+        """
+        import signal
+
+        signals = []
+        for line in self.lines:
+            if named := _TORCHRUN_SIGNAL.search(line):
+                signals.append(named.group(1))
+            elif number := _DEEPSPEED_SIGNAL.search(line):
+                signals.append(signal.Signals(int(number.group(1))).name)
+        causes = [name for name in signals if name != "SIGTERM"] or signals
+        return causes[0] if causes else None
+
+    def first_error(self, context: int = 30) -> str:
+        """The lines from the first worker error (a traceback, a C++ abort) on, or "" when none is found."""
+        for index, line in enumerate(self.lines):
+            launcher_traceback = any(_LAUNCHER_LINE.search(after) for after in self.lines[index : index + 4])
+            if _WORKER_ERROR.search(line) and not launcher_traceback:
+                return "\n".join(self.lines[max(0, index - 3) : index + context])
+        return ""
+
+
+# A worker's own failure: a Python traceback, a C++ exception or assertion, a glibc abort, a crash signal.
+_WORKER_ERROR = re.compile(
+    r"Traceback \(most recent call last\)|terminate called|what\(\):|Assertion .* failed|"
+    r"double free|corrupted|Segmentation fault|Fatal Python error|\[rank\d+\]:.*Error"
+)
+# How each launcher reports a worker killed by a signal: torchrun's summary and the deepspeed launcher's log.
+_TORCHRUN_SIGNAL = re.compile(r"Signal \d+ \((SIG[A-Z]+)\) received by PID")
+_DEEPSPEED_SIGNAL = re.compile(r"exits with return code = -(\d+)")
+# The launcher's own report of the failure, which comes after the worker's and says only which signal.
+_LAUNCHER_LINE = re.compile(r"torch/distributed/(run|elastic)|ChildFailedError|launcher/(launch|runner)\.py")
 
 
 def launch(

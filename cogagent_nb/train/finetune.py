@@ -345,6 +345,7 @@ def run_from_args(args) -> int:
     from cogagent_nb.train.checkpoints import ResumeError
     from cogagent_nb.train.config import ConfigError
     from cogagent_nb.train.data import DataCheckError
+    from cogagent_nb.train.distributed import finish_distributed
 
     try:
         finetune(
@@ -356,6 +357,7 @@ def run_from_args(args) -> int:
     except (ConfigError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finish_distributed()  # this process ends here: every rank waits for the others, then closes its group
     return 0
 
 
