@@ -172,6 +172,12 @@ def test_a_failed_launch_shows_the_workers_error_above_the_launchers_summary():
     with pytest.raises(RuntimeError, match=r"first error:\n\[rank1\]: Traceback.*\n.*ValueError: bad row") as raised:
         result.check()
     assert "last lines:" in str(raised.value) and "summary 49" in str(raised.value)
+    # this package's one-line refusal, printed by each worker before it exits with 2
+    refusal = [
+        "error: configs/lora.yaml: training_args.lr_scheduler_type: 'x' is str, expected one of ...",
+        "E1202 08:06:56 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 2)",
+    ]
+    assert dist.LaunchResult(["x"], 1, 0.1, refusal).first_error().startswith("error: configs/lora.yaml")
     # only the launcher's traceback: nothing to single out
     assert dist.LaunchResult(["x"], 1, 0.1, result.lines[52:]).first_error() == ""
 
@@ -195,11 +201,14 @@ def test_finish_distributed_closes_the_process_group_and_is_a_no_op_without_one(
 
 
 def test_a_worker_killed_by_a_signal_is_named_not_the_siblings_the_launcher_ended():
-    torchrun = [
-        "  traceback : Signal 15 (SIGTERM) received by PID 7",
-        "  traceback : Signal 6 (SIGABRT) received by PID 8",
-    ]
+    # torchrun's summary: the sibling it ended under "Failures", the worker that failed first under "Root Cause"
+    sibling, root = ["Failures:", "  traceback : Signal 15 (SIGTERM) received by PID 7"], ["Root Cause (first ...):"]
+    torchrun = [*sibling, *root, "  traceback : Signal 6 (SIGABRT) received by PID 8"]
     assert dist.LaunchResult(["torchrun"], 1, 1.0, torchrun).worker_signal() == "SIGABRT"
+    # a worker that exited with 2 (a config error) first: the sibling's SIGTERM is not the cause
+    assert (
+        dist.LaunchResult(["torchrun"], 1, 1.0, [*sibling, *root, "  exitcode  : 2 (pid: 8)"]).worker_signal() is None
+    )
     deepspeed = ["[ERROR] [launch.py:259:sigkill_handler] ['python', 'finetune.py'] exits with return code = -11"]
     assert dist.LaunchResult(["deepspeed"], 1, 1.0, deepspeed).worker_signal() == "SIGSEGV"
     assert dist.LaunchResult(["x"], 1, 1.0, ["Traceback (most recent call last):"]).worker_signal() is None

@@ -574,34 +574,37 @@ class LaunchResult:
         return self
 
     def worker_signal(self) -> str | None:
-        """The signal that killed a worker ("SIGABRT"), as the launcher reports it; None if none was killed.
+        """The signal that killed the first failed worker ("SIGABRT"), as the launcher reports it; else None.
 
-        The launcher ends the other workers with SIGTERM once one has died, so another signal is the cause.
+        torchrun's summary lists every worker it ended (SIGTERM, once one had failed) and then, under
+        "Root Cause", the one that failed first: only that one counts. The deepspeed launcher logs the
+        first failed worker's return code alone.
         """
         import signal
 
-        signals = []
-        for line in self.lines:
+        root = next((i for i, line in enumerate(self.lines) if line.startswith("Root Cause")), None)
+        for line in self.lines if root is None else self.lines[root:]:
             if named := _TORCHRUN_SIGNAL.search(line):
-                signals.append(named.group(1))
-            elif number := _DEEPSPEED_SIGNAL.search(line):
-                signals.append(signal.Signals(int(number.group(1))).name)
-        causes = [name for name in signals if name != "SIGTERM"] or signals
-        return causes[0] if causes else None
+                return named.group(1)
+            if number := _DEEPSPEED_SIGNAL.search(line):
+                return signal.Signals(int(number.group(1))).name
+        return None
 
     def first_error(self, context: int = 30) -> str:
         """The lines from the first worker error (a traceback, a C++ abort) on, or "" when none is found."""
         for index, line in enumerate(self.lines):
-            launcher_traceback = any(_LAUNCHER_LINE.search(after) for after in self.lines[index : index + 4])
+            launcher_traceback = "Traceback" in line and any(map(_LAUNCHER_LINE.search, self.lines[index : index + 4]))
             if _WORKER_ERROR.search(line) and not launcher_traceback:
                 return "\n".join(self.lines[max(0, index - 3) : index + context])
         return ""
 
 
-# A worker's own failure: a Python traceback, a C++ exception or assertion, a glibc abort, a crash signal.
+# A worker's own failure: a Python traceback, a C++ exception or assertion, a glibc abort, a crash signal,
+# or this package's one-line refusals (`error: FILE: FIELD: ...`, `N error(s) in the data`).
 _WORKER_ERROR = re.compile(
     r"Traceback \(most recent call last\)|terminate called|what\(\):|Assertion .* failed|"
-    r"double free|corrupted|Segmentation fault|Fatal Python error|\[rank\d+\]:.*Error"
+    r"double free|corrupted|Segmentation fault|Fatal Python error|\[rank\d+\]:.*Error|"
+    r"^(\[rank\d+\]: )?error: |\d+ error\(s\) in "
 )
 # How each launcher reports a worker killed by a signal: torchrun's summary and the deepspeed launcher's log.
 _TORCHRUN_SIGNAL = re.compile(r"Signal \d+ \((SIG[A-Z]+)\) received by PID")
