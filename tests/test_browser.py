@@ -126,7 +126,8 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     shutil.copytree(REPO_ROOT / "notebooks", root / "notebooks")
     for lesson in LESSONS:
         _inject_parameters(root / "notebooks" / lesson.name, BROWSER_PARAMETERS)
-    for name in ("data", "solutions", "configs"):  # what lessons read beside them (configs: lessons 03 on)
+    # what lessons read beside them: configs from lesson 03 on; lesson 04 launches finetune.py
+    for name in ("data", "solutions", "configs", "finetune.py"):
         (root / name).symlink_to(REPO_ROOT / name)
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), PYTHONPATH=str(REPO_ROOT), MPLBACKEND="")
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("lab-runtime"))
@@ -184,6 +185,8 @@ DONE = """n => {
     const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent);
     return prompts.length === n && prompts.every(t => /\\[\\d+\\]/.test(t));
 }"""
+FAILED = """() => [...document.querySelectorAll(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
+    .some(e => /Traceback|^\\w+Error\\b/m.test(e.innerText))"""
 STARTED = "() => /\\[\\d+\\]/.test(document.querySelector('.jp-CodeCell .jp-InputPrompt')?.textContent || '')"
 
 
@@ -210,8 +213,10 @@ def _run_all_cells(page, n_code_cells: int, timeout_s: float = 300) -> None:
                 pytest.fail("the first cell never started, twice: the kernel does not answer")
             print("the kernel did not start the first cell within 60 s: restarting it once", flush=True)
             page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.restart()")
-    try:
-        page.wait_for_function(DONE, arg=n_code_cells, timeout=timeout_s * 1000)
+    try:  # every cell numbered, or a cell failed (run-all then stops: the cells after it would never run)
+        page.wait_for_function(f"n => ({DONE})(n) || ({FAILED})()", arg=n_code_cells, timeout=timeout_s * 1000)
+        if failed := _tracebacks(page):
+            pytest.fail(f"a cell failed:\n{failed[0]}")
     except PlaywrightTimeout:
         prompts = page.eval_on_selector_all(".jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent)")
         pending = [i for i, t in enumerate(prompts) if "*" in t or not any(c.isdigit() for c in t)]
@@ -329,6 +334,25 @@ def test_lesson_runs_in_jupyterlab(notebook: Path, lab: Lab, browser) -> None:
             )
             page.wait_for_timeout(1500)
             _screenshot(page, f"{notebook.stem}_widget")
+    finally:
+        page.close()
+
+
+def test_the_launch_lesson_runs_two_processes_from_jupyterlab(lab: Lab, browser) -> None:
+    """Lesson 04 starts torchrun from the kernel (2 processes, ZeRO-2 over gloo): the one lesson whose work
+    runs outside the kernel. Every cell runs, the loss curve of the launched run is drawn."""
+    lesson = "04_deepspeed_launch.ipynb"
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(lab.url.format(workspace="launch", path=f"notebooks/{lesson}"), timeout=60_000)
+        _run_all_cells(page, _code_cells(lab.root / "notebooks" / lesson))
+        assert _tracebacks(page) == [], f"{lesson}: a cell failed in the browser"
+        launch = page.locator(".jp-CodeCell", has_text="result.check()").first
+        assert "exit status 0" in launch.inner_text(), f"{lesson}: the launch did not succeed in the browser"
+        curve = '.jp-CodeCell:has-text("loss_history.json") .jp-OutputArea-output img'
+        assert _drawn_share(page, curve) > 0.01, f"{lesson}: the loss curve of the launched run is blank"
+        launch.scroll_into_view_if_needed()
+        _screenshot(page, "04_deepspeed_launch_after_run_all")
     finally:
         page.close()
 
