@@ -587,7 +587,8 @@ class LaunchResult:
             if named := _TORCHRUN_SIGNAL.search(line):
                 return named.group(1)
             if number := _DEEPSPEED_SIGNAL.search(line):
-                return signal.Signals(int(number.group(1))).name
+                code = int(number.group(1))
+                return signal.Signals(code).name if code in signal.valid_signals() else f"signal {code}"
         return None
 
     def first_error(self, context: int = 30) -> str:
