@@ -185,8 +185,10 @@ DONE = """n => {
     const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent);
     return prompts.length === n && prompts.every(t => /\\[\\d+\\]/.test(t));
 }"""
-FAILED = """() => [...document.querySelectorAll(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
-    .some(e => /Traceback|^\\w+Error\\b/m.test(e.innerText))"""
+# an error output renders as stderr text with the traceback; plain warnings on stderr are fine
+ERROR_TEXT = r"Traceback|^\w+Error\b"  # a regular expression that Python and JavaScript read alike
+STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+FAILED = f"""() => [...document.querySelectorAll("{STDERR}")].some(e => /{ERROR_TEXT}/m.test(e.innerText))"""
 STARTED = "() => /\\[\\d+\\]/.test(document.querySelector('.jp-CodeCell .jp-InputPrompt')?.textContent || '')"
 
 
@@ -224,11 +226,8 @@ def _run_all_cells(page, n_code_cells: int, timeout_s: float = 300) -> None:
 
 
 def _tracebacks(page) -> list[str]:
-    texts = page.eval_on_selector_all(
-        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']", "els => els.map(e => e.innerText)"
-    )
-    # an error output renders as stderr text with the traceback; plain warnings on stderr are fine
-    return [t[:2000] for t in texts if "Traceback" in t or re.search(r"^\w+Error\b", t, re.MULTILINE)]
+    texts = page.eval_on_selector_all(STDERR, "els => els.map(e => e.innerText)")
+    return [t[:2000] for t in texts if re.search(ERROR_TEXT, t, re.MULTILINE)]
 
 
 def _screenshot(page, name: str) -> Path:
