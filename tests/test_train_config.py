@@ -50,7 +50,8 @@ def test_every_key_of_the_shipped_configs_is_commented(repo_root):
 
 
 def test_renamed_training_arguments_are_accepted_with_a_warning(tmp_path):
-    path = _write(tmp_path, MINIMAL + "  evaluation_strategy: steps\n")
+    evaluated = MINIMAL.replace("train_file: train.jsonl", "train_file: train.jsonl\n  val_file: dev.jsonl")
+    path = _write(tmp_path, evaluated + "  evaluation_strategy: steps\n")
     with pytest.warns(FutureWarning, match=r"training_args\.evaluation_strategy is called 'eval_strategy'"):
         config = load_config(path)
     assert config.training_args["eval_strategy"] == "steps"
@@ -115,6 +116,14 @@ def test_overrides_edit_the_file_before_it_is_checked(repo_root):
     assert config.data_config.test_file is None and config.lora_scope == "language"
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(repo_root / "configs" / "lora.yaml", ["training_args.max_steps"])
+
+
+def test_evaluating_without_a_validation_file_is_refused_by_name(repo_root):
+    official = repo_root / "configs" / "lora.yaml"  # eval_strategy: steps, val_file: dev.jsonl
+    with pytest.raises(ConfigError, match=r"lora.yaml: training_args.eval_strategy: 'steps' evaluates on data_config"):
+        load_config(official, ["data_config.val_file=null"])
+    config = load_config(official, ["data_config.val_file=null", "training_args.eval_strategy=no"])
+    assert config.data_config.val_file is None
 
 
 def test_the_resolved_config_prints_as_yaml_that_reads_back(repo_root):

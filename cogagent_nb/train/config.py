@@ -183,7 +183,19 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Finetune
         dtype=_choice(raw, "dtype", DTYPES, "auto", source),
         source=source,
     )
+    _check_evaluation_data(config)
     return config
+
+
+def _check_evaluation_data(config: FinetuneConfig) -> None:
+    """Evaluating during training reads data_config.val_file: refuse the pair here, by name, rather than let
+    the Trainer stop later with a traceback ("you didn't pass an eval_dataset")."""
+    strategy = config.training_args.get("eval_strategy", "no")
+    if strategy not in ("no", None) and not config.data_config.val_file:
+        raise ConfigError(
+            f"{config.source}: training_args.eval_strategy: {str(strategy)!r} evaluates on data_config.val_file, "
+            "which is not set: name a val_file, or --set training_args.eval_strategy=no"
+        )
 
 
 def _typed(raw: dict, key: str, kind: type, default: Any, source: str, where: str = "") -> Any:

@@ -601,11 +601,11 @@ class LaunchResult:
 
 
 # A worker's own failure: a Python traceback, a C++ exception or assertion, a glibc abort, a crash signal,
-# this package's one-line refusals (`error: FILE: FIELD: ...`, `N error(s) in the data`), a missing script.
+# finetune.py's refusals of a config, data or resume mistake (`error: ...`, run_from_args), a missing script.
 _WORKER_ERROR = re.compile(
     r"Traceback \(most recent call last\)|terminate called|what\(\):|Assertion .* failed|"
     r"double free|corrupted|Segmentation fault|Fatal Python error|\[rank\d+\]:.*Error|"
-    r"^(\[rank\d+\]: )?error: |\d+ error\(s\) in |can't open file"
+    r"^(\[rank\d+\]: )?error: |can't open file"
 )
 # How each launcher reports a worker killed by a signal: torchrun's summary and the deepspeed launcher's log.
 _TORCHRUN_SIGNAL = re.compile(r"Signal \d+ \((SIG[A-Z]+)\) received by PID")

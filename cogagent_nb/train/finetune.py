@@ -339,7 +339,10 @@ def add_arguments(parser) -> None:
 
 
 def run_from_args(args) -> int:
-    """Run `finetune` from parsed arguments; a config, data or resume mistake prints one message, exit 2."""
+    """Run `finetune` from parsed arguments; a config, data or resume mistake prints one message, exit 2.
+
+    Every such message starts with `error: ` (what `LaunchResult.first_error` finds in a launcher's log).
+    """
     import sys
 
     from cogagent_nb.train.checkpoints import ResumeError
@@ -352,7 +355,7 @@ def run_from_args(args) -> int:
             args.data_dir, args.model_dir, args.config_file, args.auto_resume_from_checkpoint, overrides=args.overrides
         )
     except DataCheckError as err:  # the validator's lines, as `cogagent-nb validate` prints them
-        print(err, file=sys.stderr)
+        print(f"error: {args.data_dir}: the data failed its check:\n{err}", file=sys.stderr)
         return 2
     except (ConfigError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
