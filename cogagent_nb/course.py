@@ -341,13 +341,20 @@ def notebook_figures(notebook: dict[str, Any]) -> list[bytes]:
 
 
 def render_site(runs: Sequence[LessonRun], site_dir: Path) -> Path:
-    """Each executed lesson as HTML (nbconvert's lab template) and an index page; returns the index."""
+    """Each executed lesson as HTML (nbconvert's lab template) and an index page; returns the index.
+
+    A progress bar's redraws are stored as separate outputs ending in "\\r"; they are merged and only the
+    last state is shown, as JupyterLab shows them, instead of one line per redraw.
+    """
     import nbformat
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
 
     site_dir.mkdir(parents=True, exist_ok=True)
     (site_dir / "figures").mkdir(exist_ok=True)
-    exporter = HTMLExporter(template_name="lab")
+    settings = Config()
+    settings.CoalesceStreamsPreprocessor.enabled = True
+    exporter = HTMLExporter(config=settings, template_name="lab")
     rows, figures = [], []
     for r in runs:
         output = Path(r.output)

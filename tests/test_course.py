@@ -145,6 +145,21 @@ def test_course_stops_at_the_first_failing_cell_and_names_it(lessons: Path, tmp_
     assert "is not above threshold=1" in (out / "site" / "02_second.html").read_text()  # the failed lesson, rendered
 
 
+def test_the_site_shows_a_progress_bars_last_state_only(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("train()")
+    redraws = [f"training {i}/3\r" for i in range(3)] + ["training 3/3\n", "done\n"]
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=t) for t in redraws]
+    nb.cells.append(cell)
+    executed = tmp_path / "01_bar.ipynb"
+    nbformat.write(nb, str(executed))
+    run = course.LessonRun(notebook=str(executed), output=str(executed), title="Bar", seconds=1.0, ok=True)
+    course.render_site([run], tmp_path / "site")
+    page = (tmp_path / "site" / "01_bar.html").read_text()
+    assert "training 3/3" in page and "done" in page
+    assert "training 1/3" not in page
+
+
 def test_makefile_course_target_calls_the_command(repo_root: Path) -> None:
     makefile = (repo_root / "Makefile").read_text()
     recipe = makefile.split("\ncourse:", 1)[1].split("\n\n", 1)[0]

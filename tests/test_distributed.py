@@ -158,6 +158,17 @@ def test_launch_streams_lines_and_reports_failure(capsys):
         result.check()
 
 
+def test_launch_keeps_a_progress_bars_last_state_not_every_redraw(capsys):
+    # tqdm redraws with "\r" and ends with "\n": two redraws per step used to become two lines per step
+    code = "import sys; w = sys.stdout.write\n"
+    code += "w('start\\n'); [w(f'\\rtraining {i}/3') for i in range(4)]; w('\\n')\n"
+    code += "w('\\rloading 1/2\\rloading 2/2'); w('\\r\\n'); w('done\\n')"
+    result = dist.launch([sys.executable, "-c", code])
+    assert result.lines == ["start", "training 3/3", "loading 2/2", "done"]
+    # echoed as a terminal would draw it: each redraw returns to the start of its line
+    assert "start\ntraining 0/3\rtraining 1/3\r" in capsys.readouterr().out
+
+
 def test_a_failed_launch_shows_the_workers_error_above_the_launchers_summary():
     # a worker's traceback, then 50 lines of launcher summary and the launcher's own traceback (as torchrun)
     code = "import sys; print('[rank1]: Traceback (most recent call last):'); print('[rank1]: ValueError: bad row')\n"

@@ -628,7 +628,10 @@ def launch(
     official README: each process would otherwise start one thread per core and they would fight).
     `echo=False` keeps the lines silent (tests); a notebook sees them live. After `timeout` seconds, or on
     an interrupt, the launcher and its workers (one process group) are killed and the error is raised.
+    A progress bar redraws itself in place ("\\r"), as it would in a terminal: it is echoed that way and
+    only its last state before the next line is kept, instead of one line per redraw (two per step).
     """
+    import io
     import signal
     import subprocess
     import threading
@@ -644,11 +647,11 @@ def launch(
         env=run_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
         start_new_session=True,
     ) as process:
         assert process.stdout is not None
+        # newline="": a lone "\r" (a bar's redraw) ends a piece but is not turned into "\n"
+        pieces = io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline="")
 
         def stop() -> None:  # the launcher and every worker it started share its process group
             try:
@@ -660,11 +663,18 @@ def launch(
         if timer is not None:
             timer.start()
         try:
-            for line in process.stdout:  # ends when every process holding the pipe has exited or was killed
-                line = line.rstrip("\n")
-                lines.append(line)
-                if echo:
-                    print(line, flush=True)
+            redrawn = False  # the last kept line is a bar state that the next piece overwrites
+            for piece in pieces:  # ends when every process holding the pipe has exited or was killed
+                text, is_redraw = piece.rstrip("\r\n"), piece.endswith("\r")
+                if echo and (text or not is_redraw):
+                    print(text, end="\r" if is_redraw else "\n", flush=True)
+                if is_redraw and not text:
+                    continue
+                if redrawn:
+                    lines[-1] = text
+                else:
+                    lines.append(text)
+                redrawn = is_redraw
         except BaseException:  # a notebook interrupt: do not leave workers behind
             stop()
             raise
