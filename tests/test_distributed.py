@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -191,6 +192,40 @@ def test_a_failed_launch_shows_the_workers_error_above_the_launchers_summary():
     assert dist.LaunchResult(["x"], 1, 0.1, refusal).first_error().startswith("error: configs/lora.yaml")
     # only the launcher's traceback: nothing to single out
     assert dist.LaunchResult(["x"], 1, 0.1, result.lines[52:]).first_error() == ""
+
+
+def test_stale_shm_buffers_are_removed_but_not_one_a_live_process_maps(tmp_path):
+    uid = os.getuid()
+    live, stale, other = (
+        tmp_path / f"deepspeed_allreduce_buffer_{u}_127.0.0.1_29500_{r}" for u, r in ((uid, 0), (uid, 1), (uid + 1, 0))
+    )
+    for buffer in (live, stale, other):
+        buffer.write_bytes(b"\0" * 4096)
+    # a rank of another run that still has its buffer mapped
+    code = (
+        f"import mmap, sys; f = open({str(live)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close(); "
+        "print('mapped', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert dist.remove_stale_shm_buffers(shm_dir=tmp_path) == [stale]
+    finally:
+        holder.communicate("")
+    assert live.exists() and not stale.exists() and other.exists(), "another user's buffer is not ours to remove"
+    assert dist.remove_stale_shm_buffers(shm_dir=tmp_path) == [live], "once unmapped, it is stale too"
+
+
+def test_a_failed_launch_frees_the_shm_buffers_its_crashed_ranks_left(capsys):
+    # a crashed rank runs no exit handler; launch() then removes buffers that no process uses any more
+    buffer = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{os.getpid()}_0"
+    code = f"import os; open({str(buffer)!r}, 'wb').write(bytes(4096)); os.abort()"
+    try:
+        result = dist.launch([sys.executable, "-c", code])
+        assert result.returncode < 0 and not buffer.exists()
+        assert "shared-memory buffer(s) that the failed run's DeepSpeed left" in capsys.readouterr().out
+    finally:
+        buffer.unlink(missing_ok=True)
 
 
 def test_deepspeed_shm_buffer_is_named_as_deepspeed_names_it_and_only_when_it_makes_one(tmp_path):

@@ -452,6 +452,36 @@ def remove_shm_buffer_at_exit() -> Path | None:
     return buffer
 
 
+def _paths_in_use(proc: Path) -> set[str]:
+    """Every file that a live process we may inspect has mapped or open (its /proc maps and fds)."""
+    used: set[str] = set()
+    for pid in proc.glob("[0-9]*"):
+        try:
+            fields = (line.split(maxsplit=5) for line in (pid / "maps").open())
+            used.update(f[5].strip() for f in fields if len(f) == 6)  # address perms offset dev inode path
+            used.update(os.readlink(fd) for fd in (pid / "fd").iterdir())
+        except OSError:  # the process ended, or is another user's
+            continue
+    return used
+
+
+def remove_stale_shm_buffers(shm_dir: Path = Path("/dev/shm"), proc: Path = Path("/proc")) -> list[Path]:
+    """Remove this user's DeepSpeed shared-memory buffers that no live process uses; return them.
+
+    A rank that crashes (SIGABRT, SIGKILL) runs no exit handler, so `remove_shm_buffer_at_exit` cannot
+    free its 66 MB; `launch` calls this after a failed launch. A buffer still mapped or open by any
+    process (another DeepSpeed run of this user) is left alone.
+    """
+    buffers = sorted(shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    if not buffers:
+        return []
+    used = _paths_in_use(proc)
+    stale = [buffer for buffer in buffers if str(buffer) not in used]
+    for buffer in stale:
+        buffer.unlink(missing_ok=True)
+    return stale
+
+
 def init_cpu_deepspeed_state():
     """Create accelerate's process state for DeepSpeed over gloo (case 2 of the module docstring).
 
@@ -683,6 +713,8 @@ def launch(
                 timer.cancel()
         returncode = process.wait()
     seconds = time.perf_counter() - started
+    if returncode != 0 and (freed := remove_stale_shm_buffers()) and echo:
+        print(f"removed {len(freed)} shared-memory buffer(s) that the failed run's DeepSpeed left in /dev/shm")
     if timeout is not None and seconds >= timeout and returncode < 0:
         tail = "\n".join(lines[-20:])
         raise TimeoutError(f"{shell_form(command)} ran longer than {timeout} s and was stopped; last lines:\n{tail}")
