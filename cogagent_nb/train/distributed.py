@@ -435,8 +435,13 @@ def deepspeed_shm_buffer(env: Mapping[str, str] | None = None, shm_dir: Path = P
     local_size, world_size = env.get("LOCAL_SIZE", ""), env.get("WORLD_SIZE", "1")
     if not local_size or local_size != world_size:
         return None
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    name = f"{_shm_buffer_prefix()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
     return shm_dir / f"{name}_{env.get('RANK', '0')}"
+
+
+def _shm_buffer_prefix() -> str:
+    """How DeepSpeed's CPU backend starts the name of every buffer this user's ranks make."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}"
 
 
 def remove_shm_buffer_at_exit() -> Path | None:
@@ -472,7 +477,7 @@ def remove_stale_shm_buffers(shm_dir: Path = Path("/dev/shm"), proc: Path = Path
     free its 66 MB; `launch` calls this after a failed launch. A buffer still mapped or open by any
     process (another DeepSpeed run of this user) is left alone.
     """
-    buffers = sorted(shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    buffers = sorted(shm_dir.glob(f"{_shm_buffer_prefix()}_*"))
     if not buffers:
         return []
     used = _paths_in_use(proc)
@@ -624,9 +629,11 @@ class LaunchResult:
     def first_error(self, context: int = 30) -> str:
         """The lines from the first worker error (a traceback, a C++ abort) on, or "" when none is found."""
         for index, line in enumerate(self.lines):
-            launcher_traceback = "Traceback" in line and any(map(_LAUNCHER_LINE.search, self.lines[index : index + 4]))
-            if _WORKER_ERROR.search(line) and not launcher_traceback:
-                return "\n".join(self.lines[max(0, index - 3) : index + context])
+            if not _WORKER_ERROR.search(line):
+                continue
+            if "Traceback" in line and any(map(_LAUNCHER_LINE.search, self.lines[index : index + 4])):
+                continue  # the launcher's own traceback, which only reports that a worker failed
+            return "\n".join(self.lines[max(0, index - 3) : index + context])
         return ""
 
 
@@ -696,10 +703,10 @@ def launch(
             redrawn = False  # the last kept line is a bar state that the next piece overwrites
             for piece in pieces:  # ends when every process holding the pipe has exited or was killed
                 text, is_redraw = piece.rstrip("\r\n"), piece.endswith("\r")
-                if echo and (text or not is_redraw):
-                    print(text, end="\r" if is_redraw else "\n", flush=True)
-                if is_redraw and not text:
+                if is_redraw and not text:  # tqdm's "\r" before its first state
                     continue
+                if echo:
+                    print(text, end="\r" if is_redraw else "\n", flush=True)
                 if redrawn:
                     lines[-1] = text
                 else:
