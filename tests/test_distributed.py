@@ -85,7 +85,7 @@ def test_unknown_fields_are_flagged_and_bad_json_names_file_and_line(tmp_path):
 
 
 def test_prepare_distributed_on_cpu_with_deepspeed(monkeypatch, tmp_path):
-    for name in dist.LAUNCH_VARIABLES + ("TORCH_EXTENSIONS_DIR",):
+    for name in dist.LAUNCH_VARIABLES + ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(dist, "accelerator_available", lambda: False)
@@ -98,6 +98,14 @@ def test_prepare_distributed_on_cpu_with_deepspeed(monkeypatch, tmp_path):
     assert calls == ["state"]
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"]
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "cogagent_nb" / "torch_extensions")
+    assert os.environ["DS_ACCELERATOR"] == "cpu", "DeepSpeed is told the CPU is meant, so it does not warn"
+
+
+def test_cpu_accelerator_is_set_unless_the_user_chose_one():
+    env: dict[str, str] = {}
+    assert dist.use_cpu_accelerator(env) == "cpu" and env == {"DS_ACCELERATOR": "cpu"}
+    env = {"DS_ACCELERATOR": "npu"}
+    assert dist.use_cpu_accelerator(env) == "npu" and env == {"DS_ACCELERATOR": "npu"}
 
 
 def test_prepare_distributed_on_gpu_changes_nothing_but_the_env(monkeypatch):

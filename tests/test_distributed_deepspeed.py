@@ -100,6 +100,7 @@ def test_zero2_two_processes_make_the_same_update_as_one_batch_of_two(
         dist.torchrun_command(args, nproc_per_node=2), repo_root, lambda: shutil.rmtree(out, ignore_errors=True)
     )
     assert any("finetune: 1 steps" in line for line in result.lines)
+    assert not [line for line in result.lines if "Setting accelerator to CPU" in line], "DeepSpeed warns per rank"
     assert (out / "checkpoint-1" / "global_step1").is_dir(), "a DeepSpeed checkpoint (ZeRO shards) was written"
     loss_tests._assert_same_update(loss_tests._weights_after_one_step(out), reference, "ZeRO-2, 2 processes x batch 1")
 

@@ -19,8 +19,9 @@ in the one place where the Trainer's arguments are built (`cogagent_nb.train.fin
    backend, and `PartialState._prepare_backend` chooses one only for an accelerator (nccl, hccl, ...), so on
    a CPU no process group would be made for DeepSpeed. This module creates the state first, with
    `ACCELERATE_USE_DEEPSPEED=true` and `PartialState(backend="gloo")`, and asks the Trainer to use it
-   (`accelerator_config={"use_configured_state": True}`). DeepSpeed's CPU accelerator then runs ZeRO over
-   gloo and JIT-compiles one small C++ op (`deepspeed_shm_comm`, shared-memory all-reduce) on first use,
+   (`accelerator_config={"use_configured_state": True}`). It also sets DS_ACCELERATOR=cpu (unless the user
+   chose one), so that DeepSpeed takes the CPU as meant instead of warning, in every process, that it found
+   no GPU. DeepSpeed's CPU accelerator then runs ZeRO over gloo and JIT-compiles one small C++ op (`deepspeed_shm_comm`, shared-memory all-reduce) on first use,
    ~1 minute on 2 cores: `TORCH_EXTENSIONS_DIR` points at one cache that every later run reuses, and
    `build_cpu_ops()` (called by `make setup`) fills it in advance.
 3. Plain data parallel (no DeepSpeed) on CPU: with several processes and no GPU, transformers only
@@ -403,6 +404,7 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
         if not on_cpu:
             set_cuda_arch_list()
         if on_cpu:
+            use_cpu_accelerator()
             args["accelerator_config"] = _with_configured_state(args.get("accelerator_config"))
             init_cpu_deepspeed_state()
             remove_shm_buffer_at_exit()
@@ -485,6 +487,18 @@ def remove_stale_shm_buffers(shm_dir: Path = Path("/dev/shm"), proc: Path = Path
     for buffer in stale:
         buffer.unlink(missing_ok=True)
     return stale
+
+
+def use_cpu_accelerator(env: MutableMapping[str, str] | None = None) -> str:
+    """Tell DeepSpeed to use its CPU accelerator (DS_ACCELERATOR=cpu) unless the user chose one.
+
+    Why: DeepSpeed finds the CPU by failing to find a GPU, and then warns once per process "Setting
+    accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it." On a
+    machine without an accelerator that is the intended choice, not a failure, and the warning
+    fills a launched run's log. Set before DeepSpeed first asks (it caches the answer). Returns the value.
+    """
+    env = os.environ if env is None else env
+    return env.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def init_cpu_deepspeed_state():
