@@ -124,8 +124,8 @@ def build(args: argparse.Namespace):
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.loading import init_model
 
-    directory = Path(tempfile.mkdtemp(prefix="bench_learning_"))
-    tokenizer, _ = cnb.load(cnb.make_tiny_model(directory, seed=args.seed))
+    with tempfile.TemporaryDirectory(prefix="bench_learning_") as directory:  # only its tokenizer is kept
+        tokenizer, _ = cnb.load(cnb.make_tiny_model(Path(directory), seed=args.seed))
     changes = _overrides(args.override)
     vision = {"vision_config": changes["vision"]} if changes["vision"] else {}  # merged onto the tiny tower
     config = CogAgentConfig.from_preset("tiny", **{**_vocab(tokenizer), **changes["top"], **vision})
