@@ -57,11 +57,8 @@ if str(REPO_ROOT) not in sys.path:  # run from a clone without `pip install -e .
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import run_record  # noqa: E402
-from cogagent_nb.data import screens  # noqa: E402
-from cogagent_nb.data.actions import Action, Answer, format_answer  # noqa: E402
-from cogagent_nb.data.boxes import from_pixels  # noqa: E402
+from cogagent_nb.data import screens, synthetic  # noqa: E402
 from cogagent_nb.data.encoding import TrainingCollator, encode_conversation  # noqa: E402
-from cogagent_nb.data.prompts import build_prompt  # noqa: E402
 from cogagent_nb.train import grounding as g  # noqa: E402
 
 TASKS = ("rectangle", "labelled", "gui", "episodes")
@@ -197,20 +194,6 @@ def whole_number_model(seed: int, init: str, smooth: bool):
 
 
 # --- the tasks ----------------------------------------------------------------------------------------------
-def click_conversation(image: Image.Image, label: str, box: tuple[int, int, int, int]) -> dict[str, Any]:
-    """A one-step "click `label`" conversation in the agent's Action-Operation format."""
-    operation = Action("CLICK", {"box": from_pixels(box, *image.size), "element_info": label})
-    answer = Answer(action=f"Click the '{label}' element.", operation=operation)
-    prompt = build_prompt(f"Click '{label}'.", "WIN", "Action-Operation", (), order="official")
-    return {
-        "messages": [
-            {"role": "user", "content": prompt, "image": image},
-            {"role": "assistant", "content": format_answer(answer, "Action-Operation")},
-        ],
-        "platform": "WIN",
-    }
-
-
 def _free_box(rng: random.Random, taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     while True:
         width, height = rng.randint(24, 56), rng.randint(20, 44)
@@ -221,17 +204,17 @@ def _free_box(rng: random.Random, taken: list[tuple[int, int, int, int]]) -> tup
 
 
 def rectangle_conversation(rng: random.Random, task: str, objects: int) -> dict[str, Any]:
-    """One sample of the 'rectangle' or 'labelled' task; the first rectangle drawn is the target."""
+    """One sample of the 'rectangle' task (`synthetic.rectangle_conversation`, which the course trains on too)
+    or of the 'labelled' one; the first rectangle drawn is the target."""
     if task == "rectangle":
-        image, labels, colours = Image.new("RGB", (SIZE, SIZE), (20, 20, 20)), ["box"], [(240, 240, 240)]
-    else:
-        image, labels = Image.new("RGB", (SIZE, SIZE), (250, 250, 250)), rng.sample(APPS, objects)
-        colours = [screens.STYLE[label].colour for label in labels]
+        return synthetic.rectangle_conversation(rng, SIZE)
+    image, labels = Image.new("RGB", (SIZE, SIZE), (250, 250, 250)), rng.sample(APPS, objects)
+    colours = [screens.STYLE[label].colour for label in labels]
     boxes: list[tuple[int, int, int, int]] = []
     for colour in colours:
         boxes.append(_free_box(rng, boxes))
         image.paste(colour, boxes[-1])
-    return click_conversation(image, labels[0], boxes[0])
+    return synthetic.click_conversation(image, labels[0], boxes[0])
 
 
 def conversations(task: str, objects: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:

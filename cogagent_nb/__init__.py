@@ -138,6 +138,9 @@ PUBLIC_API: dict[str, str] = {
     "EpisodeStream": "cogagent_nb.train.grounding",
     "train_tiny": "cogagent_nb.train.grounding",
     "grounding_report": "cogagent_nb.train.grounding",
+    "rectangle_report": "cogagent_nb.train.grounding",
+    "rectangle_held_out": "cogagent_nb.train.grounding",
+    "rectangle_conversation": "cogagent_nb.data.synthetic",
     "format_report": "cogagent_nb.train.grounding",
     # training: lesson 02's experiment, the official mask against the fixed one
     "compare_masks": "cogagent_nb.train.mask_demo",
@@ -192,6 +195,7 @@ PUBLIC_API: dict[str, str] = {
     "show_box_predictions": "cogagent_nb.viz.predictions",
     "plot_scores": "cogagent_nb.viz.predictions",
     "plot_learning_report": "cogagent_nb.viz.predictions",
+    "show_clicks": "cogagent_nb.viz.predictions",
     "plot_confusion": "cogagent_nb.viz.predictions",
     "show_episode_run": "cogagent_nb.viz.predictions",
     "prediction_image": "cogagent_nb.viz.predictions",

@@ -168,3 +168,58 @@ def test_scores_by_target_groups_click_in_box_by_what_a_step_points_at() -> None
     header, *rows = table.splitlines()
     assert header.split()[2:] == ["trained", "blank", "image"] and len(rows) == len(exact)
     assert all(row.split()[-2:] == ["100.0%", "0.0%"] for row in rows), table
+
+
+# --- the one-rectangle task ----------------------------------------------------------------------------------
+def test_a_rectangle_screen_lights_exactly_the_box_its_answer_names() -> None:
+    from cogagent_nb.data.synthetic import RECTANGLE_SCREEN, rectangle_conversation
+
+    first, again = rectangle_conversation(random.Random(3)), rectangle_conversation(random.Random(3))
+    assert first["messages"][1]["content"] == again["messages"][1]["content"], "the same draw gives the same screen"
+    user, answer = first["messages"]
+    assert user["content"] == rectangle_conversation(random.Random(4))["messages"][0]["content"], "fixed task text"
+    image = user["image"]
+    assert image.size == (RECTANGLE_SCREEN, RECTANGLE_SCREEN)
+    lit = (
+        image.convert("L").point(lambda v: 255 if v > 128 else 0).getbbox()
+    )  # (left, top, right, bottom) of the light pixels
+    box = parse_answer(answer["content"]).operation.box
+    assert all(abs(a - b) <= 1 for a, b in zip(to_pixels(box, *image.size), lit)), (box, lit)
+    boxes = {rectangle_conversation(random.Random(s))["messages"][1]["content"] for s in range(20)}
+    assert len(boxes) == 20, "the rectangle moves from draw to draw"
+
+
+def test_train_tiny_on_rectangles_and_its_report(tiny_model_dir) -> None:
+    torch.manual_seed(0)
+    tokenizer, model = cnb.load(tiny_model_dir)
+    log = g.train_tiny(model, tokenizer, minutes=5, max_steps=6, batch_size=4, task="rectangle", log_every=0)
+    assert log.steps == 6 and sum(log.losses[-2:]) < sum(log.losses[:2])
+    report = g.rectangle_report(model, tokenizer, samples=4)
+    assert list(report) == ["text-only guess", "blank image", "trained"]
+    assert all(row["n"] == 4 and row["n_with_box"] == 4 for row in report.values())
+    assert report["text-only guess"]["parse_rate"] == 1.0  # the reference answer with one fixed box
+    with pytest.raises(ValueError, match="task must be one of episodes, rectangle"):
+        g.EpisodeStream(tokenizer, model.config.num_image_tokens, 4, task="circles")
+    with pytest.raises(ValueError, match="grounding_first"):
+        g.train_tiny(model, tokenizer, minutes=1, max_steps=1, task="rectangle", grounding_first=0.5)
+
+
+def test_rectangle_stream_draws_fresh_screens_in_each_worker(tiny_model_dir, monkeypatch) -> None:
+    tokenizer, model = cnb.load(tiny_model_dir)
+    stream = g.EpisodeStream(tokenizer, model.config.num_image_tokens, 4, task="rectangle", pool_batches=2)
+
+    def images(worker_id: int | None) -> list[bytes]:
+        info = None if worker_id is None else type("Info", (), {"id": worker_id, "num_workers": 2})()
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
+        return [bytes(b["images"][i].numpy()) for b, _ in zip(iter(stream), range(2)) for i in range(4)]
+
+    alone, worker0, worker1 = images(None), images(0), images(1)
+    assert len(set(alone)) == 8 and not set(worker0) & set(worker1), "workers must not draw the same screens"
+
+
+def test_show_clicks_draws_a_row_per_screen_kind(tiny_model_dir) -> None:
+    tokenizer, model = cnb.load(tiny_model_dir)
+    figure = cnb.show_clicks(model, tokenizer, g.rectangle_held_out(3))
+    assert len(figure.axes) == 6 and figure.axes[0].get_title(loc="left") == "screenshot"
+    assert figure.axes[3].get_title(loc="left") == "blank screen"
+    assert len(cnb.show_clicks(model, tokenizer, g.rectangle_held_out(2), blank=False).axes) == 2

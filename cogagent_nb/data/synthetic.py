@@ -34,7 +34,7 @@ import itertools
 import json
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -760,6 +760,48 @@ def grounding_samples(episode: DemoEpisode, rng: random.Random, per_step: int = 
                 }
             )
     return samples
+
+
+# --- the simplest grounding task: one rectangle ---------------------------------------------------------
+RECTANGLE_SCREEN = 224
+"""Side of a one-rectangle screen in pixels: the tiny tower's image size, so no resize blurs the edges."""
+
+
+def click_conversation(image: Image.Image, label: str, box_px: tuple[int, int, int, int]) -> dict:
+    """A one-step "click `label`" conversation on `image` in the agent's Action-Operation format (WIN)."""
+    operation = Action("CLICK", {"box": from_pixels(box_px, *image.size), "element_info": label})
+    answer = Answer(action=f"Click the '{label}' element.", operation=operation)
+    prompt = build_prompt(f"Click '{label}'.", "WIN", "Action-Operation", (), order=PROMPT_ORDER)
+    return {
+        "messages": [
+            {"role": "user", "content": prompt, "image": image},
+            {"role": "assistant", "content": format_answer(answer, "Action-Operation")},
+        ],
+        "platform": "WIN",
+    }
+
+
+def rectangle_conversation(rng: random.Random, size: int = RECTANGLE_SCREEN) -> dict:
+    """ "Click 'box'." on a dark square screen that holds one light rectangle (24-56 x 20-44 px) anywhere.
+
+    Grounding with nothing else in it: no name to match against a look, no look-alikes, no text. A model
+    that answers it must read *where* the one thing on the screen is, and nothing but the screenshot can
+    tell it (the task text never changes). Lesson 07 trains the tiny model on it for two minutes to show
+    grounding appear (docs/BENCHMARKS.md, "Twelfth session"). Draws four numbers from `rng`.
+    """
+    width, height = rng.randint(24, 56), rng.randint(20, 44)
+    left, top = rng.randint(0, size - width), rng.randint(0, size - height)
+    box = (left, top, left + width, top + height)
+    image = Image.new("RGB", (size, size), (20, 20, 20))
+    image.paste((240, 240, 240), box)
+    return click_conversation(image, "box", box)
+
+
+def rectangle_conversations(seed: int) -> Iterator[dict]:
+    """Endless fresh one-rectangle conversations (`rectangle_conversation`) drawn from `Random(seed)`."""
+    rng = random.Random(seed)
+    while True:
+        yield rectangle_conversation(rng)
 
 
 def save_png(image: Image.Image, path: Path) -> int:

@@ -18,6 +18,7 @@ screens `EVAL_SEED`, which nothing in the course trains on.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -31,7 +32,13 @@ from PIL import Image
 
 from cogagent_nb.data.actions import Action, parse_answer
 from cogagent_nb.data.encoding import EncodedSample, TrainingCollator, encode_conversation
-from cogagent_nb.data.synthetic import DemoStep, episode_samples, grounding_samples, make_episode
+from cogagent_nb.data.synthetic import (
+    DemoStep,
+    episode_samples,
+    grounding_samples,
+    make_episode,
+    rectangle_conversations,
+)
 
 COURSE_MINUTES: dict[str, float] = {"notebook": 4.0, "full": 10.0}
 """Minutes of `train_tiny` in the course: lesson 07's default (`learning_minutes`, wall clock), and the
@@ -80,12 +87,18 @@ def _target_widget(episode_kind: str, step: DemoStep) -> str:
     return f"{episode_kind} {kinds[0] if kinds else 'element'}"
 
 
+TASKS = ("episodes", "rectangle")
+"""What `train_tiny` trains on: the course's synthetic GUI episodes, or one-rectangle screens
+(`synthetic.rectangle_conversation`), the simplest grounding there is."""
+
+
 class EpisodeStream(torch.utils.data.IterableDataset):
     """Batches of fresh episodes, endlessly: episode `start`, `start + 1`, ... of `seed`, never repeated.
 
     Yields collated batches (use `DataLoader(stream, batch_size=None)`). Samples gather in a pool of
     `pool_batches` batches; the pool is sorted by length and cut into batches whose order is shuffled,
     so a batch holds samples of similar length (little padding: ~25% less compute) from many episodes.
+    task="rectangle" draws one-rectangle screens instead of episodes (`TASKS`).
     """
 
     def __init__(
@@ -99,8 +112,12 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         grounding_per_step: int = 0,
         steps: bool = True,
         pool_batches: int = 8,
+        task: str = "episodes",
         **encode_kwargs: Any,
     ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task = task
         self.tokenizer, self.num_image_tokens, self.batch_size = tokenizer, num_image_tokens, batch_size
         self.seed, self.start, self.grounding_per_step, self.steps = seed, start, grounding_per_step, steps
         self.pool_batches, self.encode_kwargs = pool_batches, encode_kwargs
@@ -111,6 +128,15 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         # the same fresh, never-repeated episodes as one process, rendered n times as fast.
         worker = torch.utils.data.get_worker_info()
         index, stride = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
+        if self.task == "rectangle":  # one endless draw per worker, each from its own seed
+            for conversation in rectangle_conversations(self.seed * 7_919 + index):
+                yield encode_conversation(
+                    conversation["messages"],
+                    self.tokenizer,
+                    num_image_tokens=self.num_image_tokens,
+                    name=f"seed {self.seed} rectangle",
+                    **self.encode_kwargs,
+                )
         while True:
             for conversation in episode_conversations(
                 self.seed, index, 1, grounding_per_step=self.grounding_per_step, steps=self.steps
@@ -204,9 +230,13 @@ def train_tiny(
     log_every: int = 25,
     device: str | torch.device | None = None,
     workers: int = 0,
+    task: str = "episodes",
     **encode_kwargs: Any,
 ) -> TrainingLog:
     """Full fine-tuning on `EpisodeStream` for `minutes` (or `max_steps`), then eval mode.
+
+    task: "episodes" (the course's GUI mix) or "rectangle" (one light rectangle on a dark screen, "click
+    the box": grounding alone, which the tiny model learns in minutes; `rectangle_report` scores it).
 
     grounding_first: the fraction of the budget spent on "click X" samples alone (a grounding phase,
     as CogAgent itself was pretrained on grounding before agent data) before the episodes start.
@@ -226,6 +256,10 @@ def train_tiny(
     `benchmarks/bench_learning.py --device cuda --workers 14`); the course trains on the CPU with neither.
     With workers, use clock="wall": the CPU clock counts only this process.
     """
+    if task == "rectangle" and grounding_first > 0:
+        raise ValueError(
+            "grounding_first is a phase of GUI 'click X' samples before episodes: use it with task='episodes'"
+        )
     torch.manual_seed(seed)
     stream = EpisodeStream(
         tokenizer,
@@ -233,6 +267,7 @@ def train_tiny(
         batch_size,
         seed=seed,
         grounding_per_step=grounding_per_step,
+        task=task,
         **encode_kwargs,
     )
     grounding = EpisodeStream(
@@ -461,6 +496,29 @@ def grounding_report(
     seen = list(episode_conversations(TRAIN_SEED, 10**6, baseline_episodes))
     results = {} if untrained is None else {"untrained": untrained}
     results.update(baseline_rates(held_out, seen))
+    results["blank image"], _ = model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)
+    results["trained"], _ = model_rates(model, tokenizer, held_out, batch_size=batch_size)
+    return results
+
+
+def rectangle_held_out(count: int = 64) -> list[dict[str, Any]]:
+    """The first `count` one-rectangle conversations of `EVAL_SEED`, which no training stream draws."""
+    return list(itertools.islice(rectangle_conversations(EVAL_SEED), count))
+
+
+def rectangle_report(model, tokenizer, *, samples: int = 64, batch_size: int = 32) -> dict[str, dict]:
+    """What a model trained with `train_tiny(task="rectangle")` scores on held-out one-rectangle screens.
+
+    Rows: "text-only guess" (the task text never changes, so the best answer without the screenshot is one
+    fixed box, the mean of 400 training boxes), "blank image" (the model on white screens) and "trained".
+    On this task grounding is all there is: "trained" far above both others is the model reading the
+    screenshot. Plot it with `plot_learning_report`, print it with `format_report`.
+    """
+    held_out = rectangle_held_out(samples)
+    seen = list(itertools.islice(rectangle_conversations(TRAIN_SEED), 400))
+    references = [c["messages"][-1]["content"] for c in held_out]
+    means = text_only_boxes(seen)
+    results = {"text-only guess": rates([text_only_answer(c, means) for c in held_out], references)}
     results["blank image"], _ = model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)
     results["trained"], _ = model_rates(model, tokenizer, held_out, batch_size=batch_size)
     return results

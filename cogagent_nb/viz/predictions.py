@@ -218,6 +218,47 @@ def plot_learning_report(results: dict[str, dict], *, ax: Any = None) -> Any:
     return ax
 
 
+def show_clicks(model, tokenizer, conversations: Sequence[dict], *, blank: bool = True) -> plt.Figure:
+    """The model's greedy clicks on `conversations` ("click X" samples with PIL images), drawn on each
+    screenshot over the target (red); with `blank`, a second row shows the same model on white screens.
+
+    The picture behind a click-in-box figure: a model that reads the screenshot follows the target
+    around in the first row and, with nothing to read, puts every click in one place in the second (or,
+    on a screen unlike its training screens, writes no box at all: "no box written" under the panel).
+    """
+    import matplotlib.pyplot as plt
+
+    from cogagent_nb.data.actions import ActionParseError, parse_answer
+    from cogagent_nb.train.grounding import blank_like, generate_answers
+
+    def clicked_box(answer: str):
+        try:
+            operation = parse_answer(answer).operation
+        except ActionParseError:  # an untrained model's answer: nothing to draw but the target
+            return None
+        return operation.box if operation is not None else None
+
+    rows = {"screenshot": False, "blank screen": True} if blank else {"screenshot": False}
+    fig, axes = plt.subplots(
+        len(rows), len(conversations), figsize=(1.9 * len(conversations), 2.1 * len(rows)), squeeze=False
+    )
+    for r, (title, blank_images) in enumerate(rows.items()):
+        answers = generate_answers(model, tokenizer, conversations, blank_images=blank_images)
+        for c, (conversation, answer) in enumerate(zip(conversations, answers)):
+            image = conversation["messages"][0]["image"]
+            target = parse_answer(conversation["messages"][1]["content"]).operation.box
+            shown, box = blank_like(image) if blank_images else image, clicked_box(answer)
+            ax = axes[r][c]
+            ax.imshow(draw_prediction(shown, box, target=target))
+            ax.set_xticks([])  # no ticks, but keep the frame: a white screen must still show as a screen
+            ax.set_yticks([])
+            if box is None:
+                ax.set_xlabel("no box written", fontsize=7)
+        axes[r][0].set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
 def _short(name: str) -> str:
     return name.replace("-Operation", "-Op").replace("-Sensitive", "-Sens")
 
