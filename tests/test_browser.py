@@ -67,6 +67,7 @@ BROWSER_PARAMETERS = {
     "agent_episodes": 1,  # 07
     "learning_minutes": 0.05,  # 07
     "learning_episodes": 1,  # 07
+    "rectangle_minutes": 0.05,  # 07
 }
 
 

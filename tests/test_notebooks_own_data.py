@@ -66,6 +66,7 @@ QUICK = {
     "eval_limit": 4,  # 07
     "agent_episodes": 1,  # 07
     "learning_minutes": 0.05,  # 07: the longer run (synthetic episodes, not the learner's data)
+    "rectangle_minutes": 0.05,  # 07: the one-rectangle run (synthetic screens too)
     "learning_episodes": 1,  # 07
     "max_new_tokens": 16,  # 03, 07
     "mask_demo_steps": 10,  # 02: the official-vs-fixed mask experiment (its data is its own)
