@@ -786,8 +786,8 @@ def rectangle_conversation(rng: random.Random, size: int = RECTANGLE_SCREEN) -> 
 
     Grounding with nothing else in it: no name to match against a look, no look-alikes, no text. A model
     that answers it must read *where* the one thing on the screen is, and nothing but the screenshot can
-    tell it (the task text never changes). Lesson 07 trains the tiny model on it for two minutes to show
-    grounding appear (docs/BENCHMARKS.md, "Twelfth session"). Draws four numbers from `rng`.
+    tell it (the task text never changes). Lesson 07 trains the tiny model on it for three minutes to
+    show grounding appear (docs/BENCHMARKS.md, "Twelfth session"). Draws four numbers from `rng`.
     """
     width, height = rng.randint(24, 56), rng.randint(20, 44)
     left, top = rng.randint(0, size - width), rng.randint(0, size - height)

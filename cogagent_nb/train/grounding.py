@@ -7,10 +7,12 @@ sample here comes from a *fresh* episode (`synthetic.make_episode` with a traini
 the only way to lower the loss on the box is to look at the screenshot.
 
 The pieces:
-- `episode_stream`: an endless `IterableDataset` of encoded samples from fresh episodes;
+- `EpisodeStream`: an endless `IterableDataset` of collated batches from fresh episodes (or, with
+  task="rectangle", from one-rectangle screens: grounding with nothing else to learn);
 - `train_tiny`: a plain AdamW loop with a time budget (the nanoGPT `train.py` shape), full fine-tuning;
 - `generate_answers`: greedy answers for a list of conversations, left-padded batches;
-- `grounding_baselines`: what a model that ignores the image could score (most common box, text-only).
+- `baseline_rates`: what answers that ignore the image score (most common box, text-only guess);
+- `grounding_report` and `rectangle_report`: a trained model beside those baselines and itself on blank screens.
 
 Seeds: the committed demo set uses seed 0; training streams use `TRAIN_SEED`, the benchmark's held-out
 screens `EVAL_SEED`, which nothing in the course trains on.
@@ -510,7 +512,7 @@ def rectangle_report(model, tokenizer, *, samples: int = 64, batch_size: int = 3
     """What a model trained with `train_tiny(task="rectangle")` scores on held-out one-rectangle screens.
 
     Rows: "text-only guess" (the task text never changes, so the best answer without the screenshot is one
-    fixed box, the mean of 400 training boxes), "blank image" (the model on white screens) and "trained".
+    fixed box: the mean of 400 boxes drawn as the training ones are), "blank image" (the model on white screens) and "trained".
     On this task grounding is all there is: "trained" far above both others is the model reading the
     screenshot. Plot it with `plot_learning_report`, print it with `format_report`.
     """
