@@ -331,10 +331,20 @@ def _add_course(sub: argparse._SubParsersAction) -> None:
 def _run_course(args: argparse.Namespace) -> int:
     import time
 
-    from cogagent_nb.course import find_lessons, read_parameters, run_course, undeclared_parameters, update_table
+    from cogagent_nb.course import (
+        find_lessons,
+        mistyped_parameters,
+        read_parameters,
+        run_course,
+        undeclared_parameters,
+        update_table,
+    )
 
     lessons = args.lessons or find_lessons(args.notebooks, args.only)
     parameters = read_parameters(args.parameter, args.parameters_file)
+    problems = mistyped_parameters(lessons, parameters)
+    if problems:
+        raise ValueError("; ".join(problems))
     for name, close in undeclared_parameters(lessons, parameters).items():
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         print(

@@ -23,6 +23,7 @@ Example (full size, on a GPU machine):
 
 from __future__ import annotations
 
+import ast
 import base64
 import html
 import json
@@ -110,6 +111,47 @@ def undeclared_parameters(lessons: Sequence[Path], parameters: dict[str, Any]) -
         for name in parameters
         if name not in declared
     }
+
+
+def mistyped_parameters(lessons: Sequence[Path], parameters: dict[str, Any]) -> list[str]:
+    """One message for each number or flag given a value of another kind (`-p rectangle_minutes abc`).
+
+    Checked against the default that the lesson's `parameters` cell assigns, before anything runs: without
+    it the lesson would run for minutes and then stop at the first cell that compares the word with a
+    number. A float default takes any number, an int default a whole number, a bool default true/false;
+    text defaults (paths, names) take anything.
+    """
+    import papermill as pm
+
+    problems: dict[str, str] = {}
+    for lesson in lessons:
+        for name, info in pm.inspect_notebook(str(lesson)).items():
+            if name not in parameters or name in problems:
+                continue
+            try:
+                default = ast.literal_eval(info["default"])
+            except (ValueError, SyntaxError):  # an expression, not a literal: nothing to compare with
+                continue
+            expected = _expected_kind(default, parameters[name])
+            if expected:
+                problems[name] = (
+                    f"-p {name} {parameters[name]!r}: {Path(lesson).name} expects {expected} "
+                    f"(its default is {info['default']})"
+                )
+    return list(problems.values())
+
+
+def _expected_kind(default: Any, value: Any) -> str:
+    """What `value` should have been, or "" when it fits `default`'s kind."""
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "true or false"
+    if isinstance(value, bool):  # a flag where a number is wanted (bool is an int in Python)
+        return "a number" if isinstance(default, (int, float)) else ""
+    if isinstance(default, int):
+        return "" if isinstance(value, int) else "a whole number"
+    if isinstance(default, float):
+        return "" if isinstance(value, (int, float)) else "a number"
+    return ""
 
 
 def absolutize_paths(parameters: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -109,6 +109,31 @@ def test_course_command_input_errors_are_one_line_with_exit_status_2(lessons: Pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_word_for_a_number_is_refused_before_any_lesson_runs(lessons: Path, tmp_path: Path, capsys) -> None:
+    found = course.find_lessons(lessons)
+    assert course.mistyped_parameters(found, {"steps": 3, "threshold": 2.5, "data_dir": 7}) == [
+        "-p threshold 2.5: 02_second.ipynb expects a whole number (its default is 1)"
+    ]
+    assert course.mistyped_parameters(found, {"steps": "abc", "n": True}) == [
+        "-p steps 'abc': 01_first.ipynb expects a whole number (its default is 1)",
+        "-p n True: 03_third.ipynb expects a number (its default is 0)",
+    ]
+    out = tmp_path / "c"
+    assert cli_main(["course", "--notebooks", str(lessons), "-p", "steps", "abc", "--out", str(out)]) == 2
+    assert "cogagent-nb course: error: -p steps 'abc': 01_first.ipynb expects a whole number" in capsys.readouterr().err
+    assert not out.exists(), "nothing runs"
+
+
+def test_the_real_lessons_take_numbers_flags_and_paths_of_their_kinds(repo_root: Path) -> None:
+    lessons = course.find_lessons(repo_root / "notebooks")
+    fine = {"rectangle_minutes": 3, "learning_minutes": 0.5, "train_steps": 4, "run_real_model": False, "data_dir": "x"}
+    assert course.mistyped_parameters(lessons, fine) == []
+    assert course.mistyped_parameters(lessons, {"rectangle_minutes": "abc", "run_real_model": "yes please"}) == [
+        "-p rectangle_minutes 'abc': 07_inference.ipynb expects a number (its default is 3.0)",
+        "-p run_real_model 'yes please': 07_inference.ipynb expects true or false (its default is False)",
+    ]
+
+
 def test_record_is_a_no_op_outside_a_course_run(monkeypatch) -> None:
     monkeypatch.delenv(course.RECORD_ENV, raising=False)
     assert course.record("x", 1.5) == 1.5
