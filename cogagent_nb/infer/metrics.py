@@ -50,7 +50,7 @@ class GuiScore:
     step_success: bool
 
 
-def _operation(text: str) -> Action | None:
+def answer_operation(text: str) -> Action | None:
     """The answer's grounded operation, or None when the answer or its operation cannot be read."""
     try:
         answer: Answer = parse_answer(text)
@@ -80,10 +80,10 @@ def score_answer(prediction: str, reference: str) -> GuiScore:
     Raises `ValueError` when the *reference* has no readable operation: that is a data error (run
     `cogagent-nb validate`), not a model error, and counting it as a miss would hide it.
     """
-    target = _operation(reference)
+    target = answer_operation(reference)
     if target is None:
         raise ValueError(f"reference answer has no readable Grounded Operation: {reference!r}")
-    predicted = _operation(prediction)
+    predicted = answer_operation(prediction)
     parsed = predicted is not None
     type_correct = parsed and predicted.name == target.name
     click = None

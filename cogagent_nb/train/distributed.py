@@ -22,8 +22,9 @@ in the one place where the Trainer's arguments are built (`cogagent_nb.train.fin
    (`accelerator_config={"use_configured_state": True}`). It also sets DS_ACCELERATOR=cpu (unless the user
    chose one), so that DeepSpeed takes the CPU as meant instead of warning, in every process, that it found
    no GPU. DeepSpeed's CPU accelerator then runs ZeRO over gloo and JIT-compiles one small C++ op
-   (`deepspeed_shm_comm`, shared-memory all-reduce) on first use, ~1 minute on 2 cores: `TORCH_EXTENSIONS_DIR` points at one cache that every later run reuses, and
-   `build_cpu_ops()` (called by `make setup`) fills it in advance.
+   (`deepspeed_shm_comm`, shared-memory all-reduce) on first use, ~1 minute on 2 cores:
+   `TORCH_EXTENSIONS_DIR` points at one cache that every later run reuses, and `build_cpu_ops()` (called by
+   `make setup`) fills it in advance.
 3. Plain data parallel (no DeepSpeed) on CPU: with several processes and no GPU, transformers only
    creates a gloo process group when `use_cpu=True`; otherwise each process would silently train alone.
 

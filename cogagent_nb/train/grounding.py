@@ -125,32 +125,31 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         self.pool_batches, self.encode_kwargs = pool_batches, encode_kwargs
         self.collate = TrainingCollator(tokenizer)
 
-    def _encoded(self) -> Iterator[EncodedSample]:
+    def _conversations(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name for error messages, conversation) pairs: this process's share of the endless stream."""
         # In DataLoader workers, worker w of n renders episodes start + w, start + w + n, ...: together
         # the same fresh, never-repeated episodes as one process, rendered n times as fast.
         worker = torch.utils.data.get_worker_info()
         index, stride = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
         if self.task == "rectangle":  # one endless draw per worker, each from its own seed
             for conversation in rectangle_conversations(self.seed * 7_919 + index):
-                yield encode_conversation(
-                    conversation["messages"],
-                    self.tokenizer,
-                    num_image_tokens=self.num_image_tokens,
-                    name=f"seed {self.seed} rectangle",
-                    **self.encode_kwargs,
-                )
+                yield f"seed {self.seed} rectangle", conversation
         while True:
             for conversation in episode_conversations(
                 self.seed, index, 1, grounding_per_step=self.grounding_per_step, steps=self.steps
             ):
-                yield encode_conversation(
-                    conversation["messages"],
-                    self.tokenizer,
-                    num_image_tokens=self.num_image_tokens,
-                    name=f"seed {self.seed} episode {index}",
-                    **self.encode_kwargs,
-                )
+                yield f"seed {self.seed} episode {index}", conversation
             index += stride
+
+    def _encoded(self) -> Iterator[EncodedSample]:
+        for name, conversation in self._conversations():
+            yield encode_conversation(
+                conversation["messages"],
+                self.tokenizer,
+                num_image_tokens=self.num_image_tokens,
+                name=name,
+                **self.encode_kwargs,
+            )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(self.seed)
@@ -437,6 +436,14 @@ def model_rates(
     return rates(predictions, [c["messages"][-1]["content"] for c in held_out]), predictions
 
 
+def blank_and_trained(model, tokenizer, held_out: Sequence[dict[str, Any]], *, batch_size: int = 32) -> dict[str, dict]:
+    """The report rows "blank image" (the model on white screens) and "trained" (on the real ones)."""
+    return {
+        "blank image": model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)[0],
+        "trained": model_rates(model, tokenizer, held_out, batch_size=batch_size)[0],
+    }
+
+
 def scores_by_target(predictions: Sequence[str], held_out: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Click-in-box per kind of target ("files list_item", "mail button", ...): which elements a model finds.
 
@@ -498,8 +505,7 @@ def grounding_report(
     seen = list(episode_conversations(TRAIN_SEED, 10**6, baseline_episodes))
     results = {} if untrained is None else {"untrained": untrained}
     results.update(baseline_rates(held_out, seen))
-    results["blank image"], _ = model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)
-    results["trained"], _ = model_rates(model, tokenizer, held_out, batch_size=batch_size)
+    results.update(blank_and_trained(model, tokenizer, held_out, batch_size=batch_size))
     return results
 
 
@@ -521,6 +527,5 @@ def rectangle_report(model, tokenizer, *, samples: int = 64, batch_size: int = 3
     references = [c["messages"][-1]["content"] for c in held_out]
     means = text_only_boxes(seen)
     results = {"text-only guess": rates([text_only_answer(c, means) for c in held_out], references)}
-    results["blank image"], _ = model_rates(model, tokenizer, held_out, blank_images=True, batch_size=batch_size)
-    results["trained"], _ = model_rates(model, tokenizer, held_out, batch_size=batch_size)
+    results.update(blank_and_trained(model, tokenizer, held_out, batch_size=batch_size))
     return results

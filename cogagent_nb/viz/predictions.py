@@ -228,14 +228,11 @@ def show_clicks(model, tokenizer, conversations: Sequence[dict], *, blank: bool 
     """
     import matplotlib.pyplot as plt
 
-    from cogagent_nb.data.actions import ActionParseError, parse_answer
+    from cogagent_nb.infer.metrics import answer_operation
     from cogagent_nb.train.grounding import blank_like, generate_answers
 
-    def clicked_box(answer: str):
-        try:
-            operation = parse_answer(answer).operation
-        except ActionParseError:  # an untrained model's answer: nothing to draw but the target
-            return None
+    def clicked_box(answer: str):  # None for an answer that does not parse: only the target is drawn
+        operation = answer_operation(answer)
         return operation.box if operation is not None else None
 
     rows = {"screenshot": False, "blank screen": True} if blank else {"screenshot": False}
@@ -246,7 +243,7 @@ def show_clicks(model, tokenizer, conversations: Sequence[dict], *, blank: bool 
         answers = generate_answers(model, tokenizer, conversations, blank_images=blank_images)
         for c, (conversation, answer) in enumerate(zip(conversations, answers)):
             image = conversation["messages"][0]["image"]
-            target = parse_answer(conversation["messages"][1]["content"]).operation.box
+            target = answer_operation(conversation["messages"][1]["content"]).box
             shown, box = blank_like(image) if blank_images else image, clicked_box(answer)
             ax = axes[r][c]
             ax.imshow(draw_prediction(shown, box, target=target))
