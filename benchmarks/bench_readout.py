@@ -261,7 +261,7 @@ def score(model, tokenizer, samples: list[dict[str, Any]], args: argparse.Namesp
     """Greedy click-in-box with the real and a white screenshot, and the teacher-forced accuracy of the
     numbers' first digits (the coarse position) and of their other digits."""
     references = [s["messages"][1]["content"] for s in samples]
-    tokens = 160 if args.task == "episodes" else 60
+    tokens = answer_budget(tokenizer, references)
     real = g.rates(g.generate_answers(model, tokenizer, samples, max_new_tokens=tokens), references)
     blank = g.rates(g.generate_answers(model, tokenizer, samples, max_new_tokens=tokens, blank_images=True), references)
     return {
@@ -270,6 +270,12 @@ def score(model, tokenizer, samples: list[dict[str, Any]], args: argparse.Namesp
         "blank_click_in_box": blank["click_in_box"],
         **digit_accuracy(model, tokenizer, samples, args.device),
     }
+
+
+def answer_budget(tokenizer, references: list[str], margin: int = 16) -> int:
+    """New tokens to allow: the longest reference answer plus a margin, so that no task's answer format
+    is cut short (a fixed 60 cut the longer formats of a scratch task once, and read as parse failures)."""
+    return max(len(tokenizer.encode_text(answer)) for answer in references) + margin
 
 
 @torch.no_grad()

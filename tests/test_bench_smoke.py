@@ -105,6 +105,20 @@ def test_bench_readout_up_weights_exactly_the_first_digit_of_each_number() -> No
     torch.testing.assert_close(weighted, plain + 3.0 * first_mean * share)
 
 
+def test_bench_readout_lets_every_reference_answer_finish() -> None:
+    """The generation budget covers the longest answer of the samples scored, in every task."""
+    from benchmarks import bench_readout as br
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+
+    tokenizer = ChatGLM4Tokenizer(TINY_TOKENIZER_FILE, image_size=br.SIZE)
+    for task in ("rectangle", "labelled", "gui", "episodes"):
+        source = br.conversations(task, 3, seed=11)
+        references = [next(source)["messages"][1]["content"] for _ in range(24)]
+        longest = max(len(tokenizer.encode_text(answer)) for answer in references)
+        assert br.answer_budget(tokenizer, references) == longest + 16, task
+    assert longest > 60  # the episodes' longer formats, which a fixed 60 cut short
+
+
 def test_bench_readout_refuses_wrong_arguments_by_name(capsys) -> None:
     import pytest
 
