@@ -20,6 +20,7 @@ from cogagent_nb.model.loading import (
     make_tiny_model,
     register_auto_classes,
     resolve_dtype,
+    resolve_model_dir,
 )
 
 from conftest import logits_of
@@ -231,6 +232,28 @@ def test_hub_id_is_not_downloaded_offline(monkeypatch):
         load("THUDM/cogagent-9b-20241220")
     with pytest.raises(CheckpointError, match="no such directory"):
         load("/nonexistent/dir/for/sure")
+
+
+def test_a_mistyped_local_path_is_never_a_download(tmp_path, monkeypatch, tiny_model_dir):
+    """`models/cogagent-9b` beside a local `models/` is a typo; online it must not reach the Hub."""
+    import huggingface_hub
+
+    from cogagent_nb.model.peft_recipes import load_adapter
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: fetched.append(name) or "hub")
+    with pytest.raises(CheckpointError, match="no such directory .*models/ is a local folder"):
+        load("models/cogagent-9b")
+    resolve_model_dir("THUDM/cogagent-9b-20241220")  # a real-looking id with no such local folder: fetched
+    assert fetched == ["THUDM/cogagent-9b-20241220"]
+
+    _, model = load(tiny_model_dir)
+    with pytest.raises(CheckpointError, match="runs/adapter/adapter_config.json: missing"):
+        load_adapter(model, "runs/adapter")  # PEFT would read a missing folder as a hub id
 
 
 def test_trust_remote_code_hands_off_to_the_checkpoint_code(tiny_model_dir, tmp_path, monkeypatch):

@@ -189,7 +189,9 @@ def resolve_model_dir(model_dir: str | os.PathLike, *, with_code: bool = False) 
 
     The course never downloads: with `HF_HUB_OFFLINE=1` (set by the Makefile and the tests) a name that is
     not a folder is an error. Online, a hub id is fetched with `huggingface_hub.snapshot_download`
-    (safetensors, json and tokenizer files only; the checkpoint's .py files only `with_code`).
+    (safetensors, json and tokenizer files only; the checkpoint's .py files only `with_code`), as the
+    official script's `from_pretrained(MODEL_DIR)` does, and says so first. A name whose first part is a
+    local folder (`models/cogagent-9b` beside a `models/`) is a mistyped path, never a download.
     """
     path = Path(model_dir).expanduser()
     if path.is_dir():
@@ -200,6 +202,11 @@ def resolve_model_dir(model_dir: str | os.PathLike, *, with_code: bool = False) 
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
     if not looks_like_hub_id:
         raise CheckpointError(f"{path}: no such directory")
+    if Path(name.split("/")[0]).is_dir():  # `models/cogagent-9b` with a local `models/`: a typo, not a hub id
+        raise CheckpointError(
+            f"{path}: no such directory (not fetched from the Hub as a model id, since {name.split('/')[0]}/ is a "
+            "local folder)"
+        )
     if _hub_offline():
         raise CheckpointError(
             f"{name!r} is not a local directory and HF_HUB_OFFLINE is set, so it will not be downloaded. "
@@ -208,6 +215,7 @@ def resolve_model_dir(model_dir: str | os.PathLike, *, with_code: bool = False) 
         )
     from huggingface_hub import snapshot_download
 
+    print(f"{name!r} is not a local folder: downloading it from the Hugging Face Hub (HF_HUB_OFFLINE=1 forbids this)")
     patterns = ["*.json", "*.safetensors", "tokenizer.model"] + (["*.py"] if with_code else [])
     return Path(snapshot_download(name, allow_patterns=patterns))
 

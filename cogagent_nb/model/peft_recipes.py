@@ -158,10 +158,20 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike) -> str:
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> PeftModel:
-    """Attach a saved adapter to a freshly loaded base model (eval mode unless `is_trainable`)."""
+    """Attach a saved adapter to a freshly loaded base model (eval mode unless `is_trainable`).
+
+    The folder must be local: PEFT would take a missing path for a hub id and try to download it.
+    """
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    from cogagent_nb.model.loading import CheckpointError
+
+    config_file = Path(adapter_dir).expanduser() / "adapter_config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{config_file}: missing; pass the folder that `save_adapter` or `cogagent-nb finetune` wrote"
+        )
+    return PeftModel.from_pretrained(model, str(config_file.parent), is_trainable=is_trainable)
 
 
 def merge_adapter(peft_model: PeftModel) -> torch.nn.Module:
