@@ -2,7 +2,7 @@
 
 Every role sequence of up to four messages, with the screenshot on no message, on each message, or on
 two, plus the malformed shapes (non-object message, missing or unknown role, missing or non-string
-content, no list, empty list), is written as one line of a JSONL file. For each line:
+content, tool definitions, no list, empty list), is written as one line of a JSONL file. For each line:
 
 - the validator reports an error  <=>  `encode_conversation` raises `EncodingError`;
 - the errors the validator reports are exactly the grammar's problems, and each one appears in the
@@ -54,6 +54,7 @@ def _shape_cases() -> list[tuple[str, object]]:
         ("unknown-role", [user, {"role": "bot", "content": ANSWER}]),
         ("missing-content", [user, {"role": "assistant"}]),
         ("content-not-string", [user, {"role": "assistant", "content": ["Action: x"]}]),
+        ("tools-on-a-message", [{**user, "tools": [{"name": "search"}]}, {"role": "assistant", "content": ANSWER}]),
         ("messages-not-list", "hello"),
         ("messages-empty", []),
     ]
