@@ -135,7 +135,7 @@ def _input_errors_as_messages(handler):
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (FileNotFoundError, ValueError) as err:
+        except (FileNotFoundError, FileExistsError, ValueError) as err:
             print(f"cogagent-nb {args.command}: error: {err}", file=sys.stderr)
             return 2
 
@@ -285,7 +285,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base", type=Path, help="the base model folder the adapter was trained on")
     p.add_argument("adapter", type=Path, help="a LoRA checkpoint folder (adapter_config.json + weights)")
     p.add_argument("out", type=Path, help="new folder for the merged official-format model")
-    p.set_defaults(handler=_run_merge)
+    p.set_defaults(handler=_input_errors_as_messages(_run_merge))
 
 
 def _run_merge(args: argparse.Namespace) -> int:

@@ -154,6 +154,19 @@ def test_bad_data_stops_the_run_before_the_model_loads(tmp_path, repo_root):
     assert "no-model" not in done.stderr  # the model folder was never opened
 
 
+def test_a_missing_model_folder_is_one_line_not_a_traceback(tmp_path, repo_root, tiny_train_data):
+    command = [
+        sys.executable,
+        "finetune.py",
+        str(tiny_train_data),
+        str(tmp_path / "no-model"),
+        "configs/tiny_lora.yaml",
+    ]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == f"error: {tmp_path / 'no-model'}: no such directory"
+
+
 def test_training_arguments_keep_the_models_stop_tokens(repo_root, tmp_path):
     """generation_config from the file is merged over the model's own, so evaluation still stops on
     the official stop ids; columns the model needs are kept; TensorBoard only when installed."""

@@ -68,6 +68,31 @@ def test_the_adapter_loads_with_cnb_load_and_merges_into_an_official_model(
     assert not torch.allclose(base_logits, merged(input_ids=ids).logits, atol=1e-5), "training changed nothing"
 
 
+def test_merge_refuses_a_used_folder_and_leaves_nothing_half_written(
+    official_lora_run, tiny_model_dir, repo_root, tmp_path, monkeypatch
+):
+    from cogagent_nb.train import export
+
+    adapter = official_lora_run[0] / "checkpoint-2"
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    command = [sys.executable, "-m", "cogagent_nb", "merge", str(tiny_model_dir), str(adapter), str(tmp_path / "used")]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert (
+        done.stderr.strip()
+        == f"cogagent-nb merge: error: {tmp_path / 'used'}: not empty; choose a new folder for the merged model"
+    )
+
+    def disk_full(base_dir, out_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "copy_side_files", disk_full)  # fails after the weights were written
+    with pytest.raises(OSError, match="No space left"):
+        export.merge_lora(tiny_model_dir, adapter, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # no half model, no staging folder
+
+
 def _rows(table) -> dict[str, tuple[int, int]]:
     return {part: (t, n) for part, t, n in table.rows}
 

@@ -24,7 +24,11 @@ def merge_lora(
     max_shard_size: str = "5GB",
 ) -> Path:
     """Load base + adapter, merge, and write `out_dir` (config.json with the official architecture name,
-    safetensors weights, the base's tokenizer and generation files). Returns `out_dir`."""
+    safetensors weights, the base's tokenizer and generation files). Returns `out_dir`.
+
+    The files are written into a hidden sibling folder that is renamed to `out_dir` at the end, so an
+    interrupted merge (a full disk, Ctrl-C) leaves nothing that looks like a model.
+    """
     import json
 
     from cogagent_nb.model.loading import load, write_official_config
@@ -44,10 +48,15 @@ def merge_lora(
         raise FileExistsError(f"{out_dir}: not empty; choose a new folder for the merged model")
     _, model = load(base_dir, adapter=adapter_dir)
     merged = merge_adapter(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    write_official_config(merged.config, out_dir)
-    copy_side_files(base_dir, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    try:
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        write_official_config(merged.config, staging)
+        copy_side_files(base_dir, staging)
+        os.replace(staging, out_dir)  # whole or absent: a crash leaves no half model that blocks a retry
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

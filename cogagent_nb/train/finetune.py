@@ -339,12 +339,15 @@ def add_arguments(parser) -> None:
 
 
 def run_from_args(args) -> int:
-    """Run `finetune` from parsed arguments; a config, data or resume mistake prints one message, exit 2.
+    """Run `finetune` from parsed arguments; a config, data, model-folder or resume mistake prints one
+    message, exit 2.
 
     Every such message starts with `error: ` (what `LaunchResult.first_error` finds in a launcher's log).
     """
     import sys
 
+    from cogagent_nb.data.encoding import EncodingError
+    from cogagent_nb.model.loading import CheckpointError
     from cogagent_nb.train.checkpoints import ResumeError
     from cogagent_nb.train.config import ConfigError
     from cogagent_nb.train.data import DataCheckError
@@ -357,7 +360,7 @@ def run_from_args(args) -> int:
     except DataCheckError as err:  # the validator's lines, as `cogagent-nb validate` prints them
         print(f"error: {args.data_dir}: the data failed its check:\n{err}", file=sys.stderr)
         return 2
-    except (ConfigError, ResumeError) as err:
+    except (ConfigError, ResumeError, CheckpointError, EncodingError) as err:  # model folder, prompt budget
         print(f"error: {err}", file=sys.stderr)
         return 2
     finish_distributed()  # this process ends here: every rank waits for the others, then closes its group
