@@ -82,6 +82,31 @@ def test_resume_argument(tmp_path):
         resolve_resume("latest", tmp_path)
 
 
+def test_a_killed_re_save_leaves_a_checkpoint_to_resume_from(tmp_path):
+    """A re-save of step N moves checkpoint-N to checkpoint-N.old, then publishes the new copy. Killed
+    between the two, only .old is left: the next run gives it its name back. A leftover .old beside a
+    published copy is deleted, and does not stop the next re-save of that step."""
+    from cogagent_nb.train.checkpoints import publish, remove_stale_staging
+
+    def staged(step: int, text: str):
+        folder = tmp_path / f"{STAGING_PREFIX}{step}"
+        folder.mkdir()
+        (folder / "weights.txt").write_text(text)
+        return folder
+
+    (tmp_path / "checkpoint-4.old").mkdir()  # killed after the first rename
+    (tmp_path / "checkpoint-4.old" / COMPLETE_MARKER).write_text("{}")
+    staged(4, "never published")
+    remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+    assert resolve_resume("yes", tmp_path) == tmp_path / "checkpoint-4"
+
+    (tmp_path / "checkpoint-4.old").mkdir()  # killed after the second rename, before the old copy went
+    publish(staged(4, "second"), tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "weights.txt").read_text() == "second"
+
+
 def test_a_missing_checkpoint_stops_the_command_before_the_model_loads(tiny_train_data, repo_root, tmp_path):
     command = [
         sys.executable,

@@ -29,6 +29,7 @@ from pathlib import Path
 PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
+REPLACED_SUFFIX = ".old"  # checkpoint-N.old: a step being saved again moves its older copy here first
 _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -86,12 +87,25 @@ def staging_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def remove_stale_staging(output_dir: str | Path) -> list[Path]:
-    """Delete staging folders left by a killed run (they were never published). Rank 0 only."""
+    """Delete staging folders left by a killed run (they were never published), and settle the older
+    copies that a killed re-save left (`restore_replaced`). Rank 0 only."""
     output_dir = Path(output_dir)
     stale = sorted(output_dir.glob(f"{STAGING_PREFIX}*")) if output_dir.is_dir() else []
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
+    restore_replaced(output_dir)
     return stale
+
+
+def restore_replaced(output_dir: Path) -> None:
+    """`checkpoint-N.old` exists only if a re-save of step N was killed inside `publish`: alone, it is the
+    last complete copy of step N and gets its name back; beside a new `checkpoint-N`, it is deleted."""
+    for old in sorted(output_dir.glob(f"checkpoint-*{REPLACED_SUFFIX}")) if output_dir.is_dir() else []:
+        final = old.with_name(old.name.removesuffix(REPLACED_SUFFIX))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def _fsync(path: Path) -> None:
@@ -113,7 +127,8 @@ def publish(staging: Path, final: Path) -> Path:
     for folder in sorted({p.parent for p in files} | {staging}, key=lambda p: -len(p.parts)):
         _fsync(folder)
     if final.exists():  # re-saving the same step after a resume: the old one goes only now
-        old = final.with_name(final.name + ".old")
+        old = final.with_name(final.name + REPLACED_SUFFIX)
+        shutil.rmtree(old, ignore_errors=True)  # left by a killed re-save (`restore_replaced`)
         os.replace(final, old)
         os.replace(staging, final)
         shutil.rmtree(old, ignore_errors=True)
