@@ -112,6 +112,23 @@ def test_reference_without_operation_is_a_data_error(test_file, tmp_path) -> Non
         read_eval_samples(bad)
 
 
+def test_samples_keep_their_file_line_and_a_foreign_prompt_is_named(test_file, tmp_path) -> None:
+    lines = test_file.read_text().splitlines()
+    (tmp_path / "images").symlink_to(test_file.parent / "images")
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text(lines[0] + "\n\n" + lines[1] + "\n")  # a blank line 2 (the validator warns, skips it)
+    assert [s.line for s in read_eval_samples(spaced)] == [1, 3]
+    assert [s.line for s in read_eval_samples(spaced, limit=1)] == [1]
+    with pytest.raises(ValueError, match="limit 0: expected a number of samples of at least 1"):
+        read_eval_samples(spaced, limit=0)
+    record = json.loads(lines[0])
+    record["messages"][0]["content"] = "Please open the settings."  # trains, but names no platform or format
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"{foreign}:1: messages\[0\].content: .*official prompt"):
+        read_eval_samples(foreign)
+
+
 def test_baselines_guess_boxes_without_the_screenshot(test_file, tmp_path) -> None:
     from cogagent_nb.infer.evaluate import baseline_report
 

@@ -109,12 +109,18 @@ def _in_line_order(problems: list[Problem], files: list[str]) -> list[Problem]:
 def load_conversations(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file into the official dicts; raise `DataFormatError` (naming FILE:LINE: field)
     if it has errors. Warnings do not stop loading. Images are checked for existence, not decoded."""
+    return [conversation for _, conversation in load_numbered_conversations(path)]
+
+
+def load_numbered_conversations(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """`load_conversations` with each conversation's line in the file (blank lines are skipped, so the
+    n-th conversation is not always line n), for messages that point back into the file."""
     path = Path(path)
     report = _FileChecker(path, open_images=False).run()
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         raise DataFormatError(errors)
-    return report.conversations
+    return list(zip(report.line_numbers, report.conversations, strict=True))
 
 
 def load_split(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
@@ -189,6 +195,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 class _Report:
     problems: list[Problem] = field(default_factory=list)
     conversations: list[dict[str, Any]] = field(default_factory=list)
+    line_numbers: list[int] = field(default_factory=list)  # the file line of each conversation
     orders: list[tuple[str, int, str, str]] = field(default_factory=list)  # (file, line, field, order)
 
 
@@ -282,6 +289,7 @@ class _FileChecker:
             return
         if self.check_record(number, record):
             self.report.conversations.append(record)
+            self.report.line_numbers.append(number)
 
     def check_record(self, number: int, record: Any) -> bool:
         """Structure first; only a well-formed conversation gets its content checked."""

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageStat
 
 from cogagent_nb.data.actions import Action, ActionParseError, format_operation, parse_answer
-from cogagent_nb.data.prompts import parse_prompt
-from cogagent_nb.data.validation import load_conversations
+from cogagent_nb.data.prompts import PromptParseError, parse_prompt
+from cogagent_nb.data.validation import load_numbered_conversations
 from cogagent_nb.infer.metrics import METRICS, GuiScore, action_confusion, score_answer, summarize, summarize_by
 
 if TYPE_CHECKING:
@@ -180,11 +180,10 @@ def read_eval_samples(data_file: str | os.PathLike, *, limit: int | None = None)
     path = Path(data_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    conversations = load_conversations(path)
-    samples = []
-    for number, conversation in enumerate(conversations[:limit] if limit else conversations, start=1):
-        samples.append(_eval_sample(path, number, conversation))
-    return samples
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit {limit}: expected a number of samples of at least 1 (or None for all)")
+    numbered = load_numbered_conversations(path)
+    return [_eval_sample(path, line, conversation) for line, conversation in numbered[:limit]]
 
 
 def _eval_sample(path: Path, number: int, conversation: dict[str, Any]) -> EvalSample:
@@ -203,7 +202,13 @@ def _eval_sample(path: Path, number: int, conversation: dict[str, Any]) -> EvalS
     if operation is None:
         raise ValueError(f"{path}:{number}: messages[{answer_at}].content: no 'Grounded Operation:' line")
     prompt = messages[user_at]["content"]
-    parts = parse_prompt(prompt)
+    try:
+        parts = parse_prompt(prompt)
+    except PromptParseError as err:  # the validator only warns: a prompt of its own making trains fine
+        raise ValueError(
+            f"{path}:{number}: messages[{user_at}].content: {err}; evaluation reads the platform and answer "
+            "format from the official prompt (cnb.build_prompt writes one)"
+        ) from None
     return EvalSample(
         number, path.parent / messages[user_at]["image"], prompt, reference, parts.platform, parts.answer_format
     )
