@@ -321,7 +321,7 @@ def train_tiny(
 
 
 # --- generation ---------------------------------------------------------------------------------------------
-def blank_like(image: Image.Image) -> Image.Image:
+def white_like(image: Image.Image) -> Image.Image:
     """A white screenshot of the same size: what the model sees when the image carries no information."""
     return Image.new("RGB", image.size, (255, 255, 255))
 
@@ -337,11 +337,11 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers to the user turns of `conversations`, through the inference stage's batched,
     left-padded `infer.generate.generate_answers` (official stop set, image markers suppressed).
-    `blank_images` swaps every screenshot for a white one (`blank_like`)."""
+    `blank_images` swaps every screenshot for a white one (`white_like`)."""
     from cogagent_nb.infer.generate import generate_answers as generate
 
     users = [conversation["messages"][0] for conversation in conversations]
-    images = [blank_like(user["image"]) if blank_images else user["image"] for user in users]
+    images = [white_like(user["image"]) if blank_images else user["image"] for user in users]
     prompts = [user["content"] for user in users]
     generated = generate(model, tokenizer, images, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return [g.text for g in generated]

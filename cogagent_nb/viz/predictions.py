@@ -229,7 +229,7 @@ def show_clicks(model, tokenizer, conversations: Sequence[dict], *, blank: bool 
     import matplotlib.pyplot as plt
 
     from cogagent_nb.infer.metrics import answer_operation
-    from cogagent_nb.train.grounding import blank_like, generate_answers
+    from cogagent_nb.train.grounding import generate_answers, white_like
 
     def clicked_box(answer: str):  # None for an answer that does not parse: only the target is drawn
         operation = answer_operation(answer)
@@ -244,7 +244,7 @@ def show_clicks(model, tokenizer, conversations: Sequence[dict], *, blank: bool 
         for c, (conversation, answer) in enumerate(zip(conversations, answers)):
             image = conversation["messages"][0]["image"]
             target = answer_operation(conversation["messages"][1]["content"]).box
-            shown, box = blank_like(image) if blank_images else image, clicked_box(answer)
+            shown, box = white_like(image) if blank_images else image, clicked_box(answer)
             ax = axes[r][c]
             ax.imshow(draw_prediction(shown, box, target=target))
             ax.set_xticks([])  # no ticks, but keep the frame: a white screen must still show as a screen
