@@ -320,6 +320,10 @@ def test_answer_cut_from_the_right_drops_the_end_token(screenshot):
     assert s.truncation.answer_tokens_cut == 5 and s.truncation.end_of_turn_dropped
     fits = encode(_history_conversation(screenshot, answer="ABCDEFGH"), max_output_length=10)
     assert fits.input_ids.tolist()[-2:] == [ord("H"), U] and not fits.truncation.end_of_turn_dropped
+    assert not fits.truncation.truncated
+    one_short = encode(_history_conversation(screenshot, answer="ABCDEFGH"), max_output_length=9)
+    assert one_short.input_ids.tolist()[-1] == ord("H") and one_short.truncation.answer_tokens_cut == 0
+    assert one_short.truncation.end_of_turn_dropped and one_short.truncation.truncated  # only the stop token went
 
 
 def test_prompt_is_cut_before_the_answer(screenshot):

@@ -92,7 +92,8 @@ class TruncationReport:
 
     @property
     def truncated(self) -> bool:
-        return bool(self.history_steps_dropped or self.prompt_tokens_cut or self.answer_tokens_cut)
+        cuts = (self.history_steps_dropped, self.prompt_tokens_cut, self.answer_tokens_cut, self.end_of_turn_dropped)
+        return any(cuts)  # a budget one short drops only the stop token: the sample never learns to stop
 
 
 @dataclasses.dataclass(frozen=True)
