@@ -107,6 +107,22 @@ def test_a_killed_re_save_leaves_a_checkpoint_to_resume_from(tmp_path):
     assert (tmp_path / "checkpoint-4" / "weights.txt").read_text() == "second"
 
 
+def test_the_best_checkpoint_is_recorded_where_it_was_published(tiny_model_dir, tiny_train_data, repo_root, tmp_path):
+    """With metric_for_best_model, trainer_state.json names the published folder, not the staging one, so
+    that save_total_limit keeps the best checkpoint after a resume too."""
+    from cogagent_nb.train.finetune import finetune
+
+    overrides = ["training_args.max_steps=2", "training_args.save_steps=1", "training_args.eval_strategy=steps"]
+    overrides += ["training_args.eval_steps=1", "training_args.metric_for_best_model=parse_rate"]
+    overrides += ["training_args.save_total_limit=1", "training_args.generation_config.max_new_tokens=2"]
+    overrides += ["data_config.test_file=null", f"training_args.output_dir={tmp_path}"]
+    finetune(tiny_train_data, tiny_model_dir, repo_root / "configs" / "tiny_lora.yaml", overrides=overrides)
+    for _, folder in list_checkpoints(tmp_path):
+        best = json.loads((folder / "trainer_state.json").read_text())["best_model_checkpoint"]
+        assert best.startswith(f"{tmp_path}/checkpoint-") and STAGING_PREFIX not in best, best
+        assert (tmp_path / best.rsplit("/", 1)[1]).is_dir(), "the best checkpoint survives save_total_limit"
+
+
 def test_a_missing_checkpoint_stops_the_command_before_the_model_loads(tiny_train_data, repo_root, tmp_path):
     command = [
         sys.executable,

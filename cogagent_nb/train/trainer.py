@@ -23,6 +23,7 @@ supervised rows (`modeling.supervised_lm_loss`), so no (B, L, vocabulary) logits
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -228,15 +229,26 @@ class CogAgentTrainer(Seq2SeqTrainer):
             self.args.save_total_limit = limit
         checkpoints.fault_injection("save", step)
         self.accelerator.wait_for_everyone()
+        self._unstage_best_checkpoint(staging_root, run_dir)
         if self.args.should_save:
             checkpoints.publish(staging_root / final.name, final)
             os.rmdir(staging_root)
-            if self.state.best_model_checkpoint and str(staging_root) in self.state.best_model_checkpoint:
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    str(staging_root), str(run_dir)
-                )
             self._rotate(run_dir)
         self.accelerator.wait_for_everyone()
+
+    def _unstage_best_checkpoint(self, staging_root: Path, run_dir: Path) -> None:
+        """The stock save records the best checkpoint (`metric_for_best_model`) under the staging folder it
+        wrote to; point it at the published folder, in memory and in the staged `trainer_state.json`, so a
+        resumed run still knows which checkpoint `_rotate` must keep."""
+        best = self.state.best_model_checkpoint
+        if not best or str(staging_root) not in best:
+            return
+        self.state.best_model_checkpoint = best.replace(str(staging_root), str(run_dir))
+        state_file = staging_root / f"{checkpoints.PREFIX}{self.state.global_step}" / "trainer_state.json"
+        if self.args.should_save and state_file.is_file():
+            saved = json.loads(state_file.read_text(encoding="utf-8"))
+            saved["best_model_checkpoint"] = self.state.best_model_checkpoint
+            state_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def _rotate(self, run_dir: Path) -> None:
         """Delete the oldest complete checkpoints beyond save_total_limit (never the best one)."""
