@@ -118,6 +118,17 @@ def test_overrides_edit_the_file_before_it_is_checked(repo_root):
         load_config(repo_root / "configs" / "lora.yaml", ["training_args.max_steps"])
 
 
+def test_the_best_model_metric_must_be_one_that_evaluation_reports(repo_root):
+    official = repo_root / "configs" / "lora.yaml"  # predict_with_generate: true
+    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'eval_loss' is not reported.*generates answers"):
+        load_config(official, ["training_args.metric_for_best_model=eval_loss"])
+    assert load_config(official, ["training_args.metric_for_best_model=eval_click_in_box"])
+    plain = ["training_args.predict_with_generate=false"]
+    with pytest.raises(ConfigError, match=r"'click_in_box' is not reported.*computes the loss only; use one of loss"):
+        load_config(official, plain + ["training_args.metric_for_best_model=click_in_box"])
+    assert load_config(official, plain + ["training_args.metric_for_best_model=loss"])
+
+
 def test_evaluating_without_a_validation_file_is_refused_by_name(repo_root):
     official = repo_root / "configs" / "lora.yaml"  # eval_strategy: steps, val_file: dev.jsonl
     with pytest.raises(ConfigError, match=r"lora.yaml: training_args.eval_strategy: 'steps' evaluates on data_config"):

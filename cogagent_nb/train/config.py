@@ -302,7 +302,26 @@ def check_training_args(raw: Any, source: str) -> dict[str, Any]:
                     f"expected {_describe(hints[name])}"
                 )
         out[name] = value
+    check_best_metric(out, source)
     return out
+
+
+def check_best_metric(training_args: dict[str, Any], source: str) -> None:
+    """`metric_for_best_model` must be a number the evaluation reports: the GUI metrics when it generates
+    (`predict_with_generate`: no loss is computed), the loss otherwise. Transformers finds out only at the
+    first evaluation, with a KeyError in the middle of training."""
+    from cogagent_nb.infer.metrics import METRICS
+
+    metric = training_args.get("metric_for_best_model")
+    if metric is None:
+        return
+    available = METRICS if training_args.get("predict_with_generate") else ("loss",)
+    if metric.removeprefix("eval_") not in available:
+        how = "generates answers (predict_with_generate: true)" if available == METRICS else "computes the loss only"
+        raise ConfigError(
+            f"{source}: training_args.metric_for_best_model: {metric!r} is not reported, since evaluation {how}; "
+            f"use one of {', '.join(available)}"
+        )
 
 
 def _coerce_float(value: Any, hint: Any) -> Any:
