@@ -293,11 +293,21 @@ def run_course(
     return runs
 
 
+def failed_where(run: LessonRun) -> str:
+    """The cell a lesson failed in, or what else stopped it (no cell raised: the kernel died, the notebook
+    could not be read or started)."""
+    return (
+        f"at cell [{run.failed_cell}]"
+        if run.failed_cell is not None
+        else "outside any cell (the kernel or the notebook file)"
+    )
+
+
 def failure_message(run: LessonRun) -> str:
     """Where a lesson failed, in words a learner can act on."""
-    where = f"cell [{run.failed_cell}]" if run.failed_cell is not None else "before any cell ran"
+    where = failed_where(run)
     source = "\n".join("    | " + line for line in run.failed_source.strip().splitlines()[:8])
-    return f"{Path(run.notebook).name} failed at {where}: {run.error}\n{source}\nexecuted copy: {run.output}"
+    return f"{Path(run.notebook).name} failed {where}: {run.error}\n{source}\nexecuted copy: {run.output}"
 
 
 # --- the summary -----------------------------------------------------------------------------------------
@@ -322,7 +332,7 @@ def markdown_table(runs: Sequence[LessonRun]) -> str:
     lines = ["| notebook | what it teaches | run time | status |", "|---|---|---|---|"]
     for r in runs:
         title = r.title.split("·", 1)[-1].strip()
-        status = "ok" if r.ok else f"failed at cell [{r.failed_cell}]"
+        status = "ok" if r.ok else f"failed {failed_where(r)}"
         lines.append(f"| `{Path(r.notebook).name}` | {title} | {_duration(r.seconds)} | {status} |")
     lines.append(f"| **all** | | **{_duration(sum(r.seconds for r in runs))}** | |")
     return "\n".join(lines)
@@ -411,7 +421,7 @@ def render_site(runs: Sequence[LessonRun], site_dir: Path) -> Path:
                 (site_dir / name).write_bytes(png)
                 figures.append((r.title, page, name))
         link = f"<a href='{page}'>{html.escape(Path(r.notebook).name)}</a>" if page else html.escape(r.notebook)
-        status = "ok" if r.ok else f"FAILED at cell [{r.failed_cell}]: {html.escape(r.error)}"
+        status = "ok" if r.ok else f"FAILED {html.escape(failed_where(r))}: {html.escape(r.error)}"
         rows.append(
             f"<tr class='{'ok' if r.ok else 'failed'}'><td>{link}</td><td>{html.escape(r.title)}</td>"
             f"<td>{r.seconds:.1f}</td><td>{status}</td><td>{html.escape(format_records(r.records))}</td></tr>"

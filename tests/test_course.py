@@ -204,3 +204,13 @@ def test_update_table_replaces_only_the_text_between_the_markers(tmp_path: Path)
 def test_readme_start_here_has_the_table_markers(repo_root: Path) -> None:
     text = (repo_root / "README.md").read_text()
     assert course.TABLE_START in text and course.TABLE_END in text
+
+
+def test_a_lesson_stopped_outside_a_cell_is_not_said_to_fail_in_one() -> None:
+    """A kernel that dies mid-run raises no cell error: the message must not claim "before any cell ran"."""
+    died = course.LessonRun("07_x.ipynb", "runs/07_x.ipynb", "X", 12.0, False, error="DeadKernelError: Kernel died")
+    assert course.failure_message(died).startswith(
+        "07_x.ipynb failed outside any cell (the kernel or the notebook file): Dead"
+    )
+    failed = course.LessonRun("07_x.ipynb", "runs/07_x.ipynb", "X", 12.0, False, failed_cell=4, error="ValueError: v")
+    assert course.failure_message(failed).startswith("07_x.ipynb failed at cell [4]: ValueError: v")

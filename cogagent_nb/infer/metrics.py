@@ -8,8 +8,8 @@ does this module. For each (prediction, reference) pair of answer texts:
 - **type**: its action name equals the reference's (CLICK vs TYPE vs ...);
 - **click-in-box**: for references with a box, the centre of the predicted box lies inside the target
   box (ScreenSpot's rule, SeeClick paper, Cheng et al. 2024); a prediction without a box misses;
-- **text**: for references that carry text (TYPE's `text`, KEY_PRESS's `key`, LAUNCH's `app`), exact
-  match after stripping surrounding whitespace;
+- **text**: for references that carry text (TYPE's `text`, KEY_PRESS's `key`, LAUNCH's `app`, a `url`),
+  exact match after stripping surrounding whitespace;
 - **step success**: type right, and the box (if the reference has one) and the text (if it has one) too.
 
 Rates are over the pairs where each metric applies (click-in-box over references with a box, text over
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from cogagent_nb.data.actions import Action, ActionParseError, Answer, parse_answer
 from cogagent_nb.data.boxes import box_center
@@ -155,8 +155,3 @@ def action_confusion(scores: Sequence[GuiScore]) -> dict[str, dict[str, int]]:
 def gui_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | int | None]:
     """The one-call form used by training's evaluation loop: `summarize(score_answers(...))`."""
     return summarize(score_answers(predictions, references))
-
-
-def scores_as_rows(scores: Sequence[GuiScore]) -> list[dict[str, object]]:
-    """Plain dicts, for JSON reports and tables."""
-    return [asdict(s) for s in scores]

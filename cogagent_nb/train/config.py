@@ -3,7 +3,8 @@
 The official script (THUDM/CogAgent `finetune/finetune.py`) reads a YAML file with these top-level keys,
 and so does this package, with the same meanings:
 
-    data_config        train_file, val_file, test_file (relative to DATA_DIR), num_proc
+    data_config        train_file, val_file, test_file (relative to DATA_DIR), num_proc (the official
+                       tokenizing workers; accepted and unused: samples are encoded in the DataLoader)
     combine            read but unused by the official script ("Not use now"); accepted and ignored here too
     freezeV            freeze the vision tower (transformer.vision) after PEFT wraps the model
     max_input_length   text tokens of the prompt; the image's num_image_tokens + 2 vectors come on top
@@ -78,7 +79,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-    """`data_config`: the split files (relative to DATA_DIR) and the tokenizing worker count."""
+    """`data_config`: the split files (relative to DATA_DIR), and `num_proc`, the official script's tokenizing
+    worker count, accepted and unused (this package encodes samples lazily in the DataLoader workers)."""
 
     train_file: str
     val_file: str | None = None

@@ -212,7 +212,3 @@ class BackwardFusedAdamW(torch.optim.Optimizer):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-
-    def state_bytes(self) -> int:
-        """Bytes held by the moment estimates (for memory tables)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if torch.is_tensor(t))
