@@ -104,6 +104,10 @@ def test_predict_batch_keeps_per_sample_settings(tiny, screens) -> None:
     out = predict_batch(model, tokenizer, screens[:2], ["a", "b"], platform=["Mac", "Mobile"], batch_size=1)
     assert [p.platform for p in out] == ["Mac", "Mobile"] and [p.task for p in out] == ["a", "b"]
     assert "(Platform: Mobile)" in model.prompts[1]
+    with pytest.raises(ValueError, match="1 platforms for 2 tasks"):
+        predict_batch(model, tokenizer, screens[:2], ["a", "b"], platform=["Mac"])  # zip dropped sample 2
+    with pytest.raises(ValueError, match="3 histories for 2 tasks"):
+        predict_batch(model, tokenizer, screens[:2], ["a", "b"], history=[[], [], []])
 
 
 def test_drawing_colours_hits_and_misses() -> None:

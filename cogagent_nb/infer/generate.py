@@ -388,7 +388,10 @@ def predict_batch(
         raise ValueError(f"{len(images)} images for {n} tasks")
     platforms = [platform] * n if isinstance(platform, str) else list(platform)
     formats = [answer_format] * n if isinstance(answer_format, str) else list(answer_format)
-    steps = history if history is not None else [()] * n
+    steps = list(history) if history is not None else [()] * n
+    for name, values in (("platforms", platforms), ("answer formats", formats), ("histories", steps)):
+        if len(values) != n:  # zip would silently drop the samples beyond the shorter list
+            raise ValueError(f"{len(values)} {name} for {n} tasks; give one per task, or one string for all")
     opened = [_open(image) for image in images]
     prompts = [build_prompt(t, p, f, h) for t, p, f, h in zip(tasks, platforms, formats, steps)]
     histories = [parse_prompt(prompt).history for prompt in prompts]  # HistoryStep objects, whatever came in
