@@ -41,7 +41,7 @@ def _add_make_demo_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=None, help="number of episodes (default: the small committed set)")
-    p.set_defaults(handler=_run_make_demo_data)
+    p.set_defaults(handler=_input_errors_as_messages(_run_make_demo_data))
 
 
 def _run_make_demo_data(args: argparse.Namespace) -> int:
@@ -63,12 +63,17 @@ def _add_make_tiny_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n-ranks", type=int, default=None, help="BPE ranks to learn (256 bytes + merges; default: the course's)"
     )
-    p.set_defaults(handler=_run_make_tiny_tokenizer)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
+    p.set_defaults(handler=_input_errors_as_messages(_run_make_tiny_tokenizer))
 
 
 def _run_make_tiny_tokenizer(args: argparse.Namespace) -> int:
     from cogagent_nb.data.bpe import make_tiny_tokenizer
 
+    if args.out_file.is_dir():
+        raise IsADirectoryError(f"{args.out_file}: is a folder; OUT_FILE is the tokenizer.model file to write")
+    if args.out_file.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out_file}: exists (a model's tokenizer?); choose a new file or pass --overwrite")
     kwargs = {} if args.n_ranks is None else {"n_ranks": args.n_ranks}
     print(make_tiny_tokenizer(args.data_dir, args.out_file, **kwargs))
     return 0
@@ -79,12 +84,22 @@ def _add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny-model", help="write a random-initialised tiny CogAgent in the official format")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_run_make_tiny_model)
+    p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files")
+    p.set_defaults(handler=_input_errors_as_messages(_run_make_tiny_model))
+
+
+def _refuse_a_used_folder(out_dir: Path, overwrite: bool) -> None:
+    """Random weights written over a trained or merged model would destroy it: a used folder needs --overwrite."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file; OUT_DIR is the folder to write the model into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: not empty; choose a new folder, or pass --overwrite to write over it")
 
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
     from cogagent_nb.model.loading import make_tiny_model
 
+    _refuse_a_used_folder(args.out_dir, args.overwrite)
     out_dir = Path(make_tiny_model(args.out_dir, seed=args.seed))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size:,} bytes")
@@ -101,12 +116,14 @@ def _add_make_random_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     p.add_argument("--device", default=None, help="initialise on this device, e.g. cuda (default: cpu)")
-    p.set_defaults(handler=_run_make_random_model)
+    p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files")
+    p.set_defaults(handler=_input_errors_as_messages(_run_make_random_model))
 
 
 def _run_make_random_model(args: argparse.Namespace) -> int:
     from cogagent_nb.model.loading import make_random_model
 
+    _refuse_a_used_folder(args.out_dir, args.overwrite)
     out_dir = Path(make_random_model(args.out_dir, args.preset, seed=args.seed, dtype=args.dtype, device=args.device))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size:,} bytes")
@@ -135,7 +152,7 @@ def _input_errors_as_messages(handler):
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (FileNotFoundError, FileExistsError, ValueError) as err:
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, ValueError) as err:
             print(f"cogagent-nb {args.command}: error: {err}", file=sys.stderr)
             return 2
 

@@ -193,6 +193,13 @@ def test_make_tiny_tokenizer_cli_is_reproducible(tmp_path: Path, capsys) -> None
         assert cli_main(["make-tiny-tokenizer", str(tmp_path / "data"), str(tmp_path / name), "--n-ranks", "300"]) == 0
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert "tokens per sample" in capsys.readouterr().out
+    argv = ["make-tiny-tokenizer", str(tmp_path / "data"), str(tmp_path / "a.model"), "--n-ranks", "300"]
+    assert cli_main(argv) == 2  # a model's tokenizer.model is not replaced by accident
+    assert "a.model: exists (a model's tokenizer?); choose a new file or pass --overwrite" in capsys.readouterr().err
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert cli_main(["make-tiny-tokenizer", str(tmp_path / "missing"), str(tmp_path / "c.model")]) == 2
+    assert cli_main(["make-tiny-tokenizer", str(tmp_path / "data"), str(tmp_path), "--n-ranks", "300"]) == 2
+    assert "is a folder; OUT_FILE is the tokenizer.model file" in capsys.readouterr().err
 
 
 def test_make_tiny_tokenizer_bad_jsonl(tmp_path: Path) -> None:
@@ -208,5 +215,5 @@ def test_committed_asset_is_reproducible_from_demo_data(demo_data_dir: Path, tmp
     make_tiny_tokenizer(demo_data_dir, tmp_path / "tiny.model")
     assert (tmp_path / "tiny.model").read_bytes() == TINY_TOKENIZER_FILE.read_bytes(), (
         "cogagent_nb/data/assets/tiny_tokenizer.model is stale: run "
-        "`cogagent-nb make-tiny-tokenizer data/CogAgentData cogagent_nb/data/assets/tiny_tokenizer.model`"
+        "`cogagent-nb make-tiny-tokenizer data/CogAgentData cogagent_nb/data/assets/tiny_tokenizer.model --overwrite`"
     )

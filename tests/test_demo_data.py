@@ -70,6 +70,26 @@ def test_regenerating_removes_stale_images_and_keeps_other_files(tmp_path: Path)
     assert not stale.exists() and mine.read_bytes() == b"keep"
 
 
+def test_your_own_data_is_never_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    mine = '{"messages": [{"role": "user", "content": "Task: x", "image": "images/shot.png"}]}\n'
+    (own / "train.jsonl").write_text(mine)
+    assert main(["make-demo-data", str(own), "--episodes", "2"]) == 2
+    assert f"{own / 'train.jsonl'}:1: not written by make-demo-data" in capsys.readouterr().err
+    assert (own / "train.jsonl").read_text() == mine and not (own / "images").exists()
+    assert main(["make-demo-data", str(own / "train.jsonl")]) == 2
+    assert "is a file; OUT_DIR is the dataset folder" in capsys.readouterr().err
+
+
+def test_a_split_without_episodes_gets_no_file(tmp_path: Path) -> None:
+    make_demo_data(tmp_path, episodes=4, progress=False)
+    assert {p.name for p in tmp_path.glob("*.jsonl")} == {"train.jsonl", "dev.jsonl", "test.jsonl"}
+    make_demo_data(tmp_path, episodes=3, progress=False)  # episodes 0-2: train, test, train
+    assert {p.name for p in tmp_path.glob("*.jsonl")} == {"train.jsonl", "test.jsonl"}
+    assert not validate_paths([tmp_path / "train.jsonl", tmp_path / "test.jsonl"])
+
+
 def test_zero_episodes_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         make_demo_data(tmp_path, episodes=0, progress=False)

@@ -93,6 +93,20 @@ def test_cli_make_tiny_model(tmp_path, capsys, tiny_model_dir):
     assert cli.main(["make-tiny-model", str(tmp_path / "cli"), "--seed", "0"]) == 0
     assert str(tmp_path / "cli") in capsys.readouterr().out
     assert sha256(tmp_path / "cli" / "model.safetensors") == sha256(tiny_model_dir / "model.safetensors")
+    trained = sha256(tmp_path / "cli" / "model.safetensors")  # stands for a trained or merged model
+    assert cli.main(["make-tiny-model", str(tmp_path / "cli"), "--seed", "1"]) == 2
+    assert "cli: not empty; choose a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert sha256(tmp_path / "cli" / "model.safetensors") == trained
+    assert cli.main(["make-tiny-model", str(tmp_path / "cli"), "--seed", "1", "--overwrite"]) == 0
+    assert sha256(tmp_path / "cli" / "model.safetensors") != trained
+
+
+def test_cli_make_random_model_tiny_takes_its_dtype_and_names_a_wrong_preset(tmp_path, capsys):
+    assert cli.main(["make-random-model", str(tmp_path / "half"), "--preset", "tiny", "--dtype", "float16"]) == 0
+    _, model = load(tmp_path / "half")
+    assert model.dtype == torch.float16  # was written as fp32 whatever --dtype said
+    assert cli.main(["make-random-model", str(tmp_path / "x"), "--preset", "bogus"]) == 2
+    assert "preset 'bogus': unknown; choose one of cogagent-9b-20241220" in capsys.readouterr().err
 
 
 # --- load() -------------------------------------------------------------------------------------------------

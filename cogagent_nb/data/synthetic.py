@@ -825,12 +825,17 @@ def make_demo_data(
 ) -> DemoDataSummary:
     """Render `episodes` episodes into `out_dir` in the official layout and return what was written.
 
-    Rewrites `train.jsonl`, `dev.jsonl`, `test.jsonl` and the `images/demo_*.png` files it owns;
-    other files in `out_dir` are left alone.
+    Rewrites `train.jsonl`, `dev.jsonl`, `test.jsonl` (a split without episodes gets no file: fewer than
+    4 episodes have no dev split) and the `images/demo_*.png` files it owns; other files are left alone. A split file that this function did not write (a line
+    whose screenshot is not one of its `images/demo_*.png`) is someone's own data: refused, not replaced.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file; OUT_DIR is the dataset folder to write")
+    for split in SPLITS:
+        refuse_foreign_split(out_dir / f"{split}.jsonl")
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for old in image_dir.glob("demo_*.png"):
@@ -851,9 +856,25 @@ def make_demo_data(
         summary.platforms[episode.platform] += len(episode.steps)
         summary.answer_formats[episode.answer_format] += len(episode.steps)
     for split in SPLITS:
-        text = "".join(line + "\n" for line in lines[split])
-        (out_dir / f"{split}.jsonl").write_text(text, encoding="utf-8")
+        path = out_dir / f"{split}.jsonl"
+        if lines[split]:
+            path.write_text("".join(line + "\n" for line in lines[split]), encoding="utf-8")
+        else:  # fewer than 4 episodes: no file rather than an empty one, which the validator rejects
+            path.unlink(missing_ok=True)
     return summary
+
+
+def refuse_foreign_split(path: Path) -> None:
+    """Raise FileExistsError if `path` holds a line that `make_demo_data` did not write."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip() and '"image": "images/demo_' not in line:
+                raise FileExistsError(
+                    f"{path}:{number}: not written by make-demo-data (its screenshot is not an images/demo_*.png); "
+                    "this looks like your own data, so it is not replaced: choose another folder"
+                )
 
 
 # --- a file with mistakes, for learning to read the validator -------------------------------------------

@@ -477,10 +477,12 @@ def make_random_model(
     """
     from cogagent_nb.data.bpe import read_tokenizer_model, write_tokenizer_model
     from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
-    from cogagent_nb.model.configuration import CogAgentConfig
+    from cogagent_nb.model.configuration import PRESETS, CogAgentConfig, vocabulary_fields
 
-    if preset == "tiny":
-        return make_tiny_model(out_dir, seed=seed)
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: unknown; choose one of {', '.join(sorted(PRESETS))}")
+    if preset == "tiny":  # the tiny tokenizer's own vocabulary, as make_tiny_model; dtype and device still apply
+        preset = CogAgentConfig.from_preset("tiny", **vocabulary_fields(len(read_tokenizer_model(TINY_TOKENIZER_FILE))))
     config = preset if isinstance(preset, CogAgentConfig) else CogAgentConfig.from_preset(preset)
     n_ranks = config.pad_token_id  # GLM-4 numbers the specials right after the ranks; <|endoftext|> is first
     ranks = read_tokenizer_model(TINY_TOKENIZER_FILE)
