@@ -123,6 +123,25 @@ def test_the_best_checkpoint_is_recorded_where_it_was_published(tiny_model_dir, 
         assert (tmp_path / best.rsplit("/", 1)[1]).is_dir(), "the best checkpoint survives save_total_limit"
 
 
+def test_a_fresh_run_into_a_used_folder_is_warned_about(tmp_path, capsys):
+    from cogagent_nb.train.finetune import _warn_about_earlier_checkpoints
+
+    _warn_about_earlier_checkpoints(tmp_path / "new")
+    (tmp_path / "checkpoint-4").mkdir()
+    _warn_about_earlier_checkpoints(tmp_path)  # half written: not a checkpoint anyone resumes from
+    assert capsys.readouterr().err == ""
+    (tmp_path / "checkpoint-4" / COMPLETE_MARKER).write_text("{}")
+    _warn_about_earlier_checkpoints(tmp_path)
+    assert f"warning: {tmp_path} holds checkpoint-4 of an earlier run" in capsys.readouterr().err
+
+
+def test_a_resume_at_max_steps_says_that_no_step_ran(tmp_path):
+    from cogagent_nb.train.finetune import FinetuneResult
+
+    done = FinetuneResult(tmp_path, None, 4, 4, 0.1, None, [], {}, {}, "LORA")
+    assert done.summary().endswith("nothing saved (no step ran)")  # it said "save_strategy: no"
+
+
 def test_a_missing_checkpoint_stops_the_command_before_the_model_loads(tiny_train_data, repo_root, tmp_path):
     command = [
         sys.executable,

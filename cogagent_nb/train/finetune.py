@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +54,10 @@ class FinetuneResult:
         per_step = self.seconds / max(ran, 1)
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
         what = {"LORA": "LoRA adapter", "PREFIX_TUNING": "prefix-tuning adapter"}.get(self.peft_type, "full model")
-        saved = f"{what} saved to {self.checkpoint}" if self.checkpoint else "nothing saved (save_strategy: no)"
+        if self.checkpoint:
+            saved = f"{what} saved to {self.checkpoint}"
+        else:
+            saved = "nothing saved (no step ran)" if ran == 0 else "nothing saved (save_strategy: no)"
         steps = f"{ran} steps" if not self.first_step else f"{ran} steps ({self.first_step + 1}-{self.steps})"
         memory = "" if self.peak_memory_gib is None else f", peak {self.peak_memory_gib:.2f} GiB allocated"
         timing = f"{self.seconds:.1f} s ({per_step:.2f} s/step{memory})"
@@ -208,9 +212,12 @@ def finetune(
     if "val" in files and config.training_args.get("eval_strategy", "no") == "no":
         del files["val"]  # read only when evaluating; a learner's own data often has no dev split
     check_data(files, echo=is_main_process())
-    checkpoint = resolve_resume(resume, Path(config.training_args.get("output_dir", "./output")))
+    output_dir = Path(config.training_args.get("output_dir", "./output"))
+    checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
         _say(f"resuming from {checkpoint}")
+    else:
+        _warn_about_earlier_checkpoints(output_dir)
 
     set_seed(int(config.training_args.get("seed", 42)))  # the adapters' random init depends on it
     tokenizer, model = build_model(model_dir, config)
@@ -286,6 +293,22 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, datasets: dict[str, Any
     if trainer.is_world_process_zero():
         remove_stale_staging(args.output_dir)
     return trainer
+
+
+def _warn_about_earlier_checkpoints(output_dir: Path) -> None:
+    """A fresh run into a folder that holds another run's checkpoints replaces those of the steps it reaches
+    and leaves the rest, which a later RESUME=yes would take for this run's: say so before training."""
+    from cogagent_nb.train.checkpoints import list_checkpoints
+
+    found = list_checkpoints(output_dir) if output_dir.is_dir() else []
+    if found and is_main_process():
+        names = ", ".join(path.name for _, path in found)
+        print(
+            f"warning: {output_dir} holds {names} of an earlier run; this run starts from scratch (RESUME is not "
+            "yes), replaces the checkpoints of the steps it reaches and leaves the others, which RESUME=yes would "
+            "later resume from. Choose a new output_dir to keep the runs apart.",
+            file=sys.stderr,
+        )
 
 
 def _last_checkpoint(output_dir: Path, first_step: int, last_step: int) -> Path | None:
