@@ -35,12 +35,36 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch of 0 or -3 tokens is a typo, not a request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
 # --- make-demo-data (synthetic GUI dataset) ---------------------------------------------------------
 def _add_make_demo_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-demo-data", help="render the synthetic GUI dataset in the official layout")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--episodes", type=int, default=None, help="number of episodes (default: the small committed set)")
+    p.add_argument(
+        "--episodes", type=positive_int, default=None, help="number of episodes (default: the small committed set)"
+    )
     p.set_defaults(handler=_input_errors_as_messages(_run_make_demo_data))
 
 
@@ -61,7 +85,10 @@ def _add_make_tiny_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data_dir", type=Path, help="dataset folder holding train.jsonl")
     p.add_argument("out_file", type=Path, help="where to write tokenizer.model")
     p.add_argument(
-        "--n-ranks", type=int, default=None, help="BPE ranks to learn (256 bytes + merges; default: the course's)"
+        "--n-ranks",
+        type=positive_int,
+        default=None,
+        help="BPE ranks to learn (256 bytes + merges; default: the course's)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
     p.set_defaults(handler=_input_errors_as_messages(_run_make_tiny_tokenizer))
@@ -137,11 +164,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights before generating")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: where load() puts it)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --sample")
-    p.add_argument("--top-k", type=int, default=None, help="with --sample")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample")
+    p.add_argument("--top-p", type=positive_float, default=1.0, help="with --sample (at most 1)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="with --sample")
     p.add_argument("--seed", type=int, default=None, help="seed for --sample")
 
 
@@ -178,14 +205,27 @@ def _load_model(args: argparse.Namespace):
     )
 
 
+def check_output_path(path: Path | None, option: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output path that cannot be written, before the model loads and generation runs (minutes
+    on the 9B, lost if the write fails at the end)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path}: is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path}: give a file name ending in {' or '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
 def _add_infer(sub: argparse._SubParsersAction) -> None:
-    from cogagent_nb.data.actions import ANSWER_FORMATS
+    from cogagent_nb.data.actions import ANSWER_FORMATS, PLATFORMS
 
     p = sub.add_parser("infer", help="one agent step: screenshot + task -> answer, action, box in pixels, PNG")
     p.add_argument("model_dir", type=Path, help="official-format model folder (config.json, weights, tokenizer)")
     p.add_argument("--image", type=Path, required=True, help="the screenshot")
     p.add_argument("--task", required=True, help="what the agent should do")
-    p.add_argument("--platform", default="WIN", help="Mac, WIN or Mobile (case sensitive; default WIN)")
+    p.add_argument("--platform", default="WIN", choices=PLATFORMS, help="the official platforms (default WIN)")
     p.add_argument("--format", default="Action-Operation-Sensitive", choices=ANSWER_FORMATS, dest="answer_format")
     p.add_argument(
         "--history",
@@ -194,7 +234,9 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         metavar="OP<TAB>ACTION",
         help="earlier steps, one argument each: the Grounded Operation, a tab (or ' || '), the Action sentence",
     )
-    p.add_argument("--out", type=Path, default=None, help="where to save the screenshot with the box (PNG)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="the screenshot with the box, PNG (default: ./IMAGE_prediction.png)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     _add_model_options(p)
     p.set_defaults(handler=_input_errors_as_messages(_run_infer))
@@ -220,6 +262,9 @@ def _run_infer(args: argparse.Namespace) -> int:
     history = _history_pairs(args.history)
     if not args.image.is_file():  # before the model loads, which takes minutes on the 9B
         raise FileNotFoundError(f"{args.image}: no such image")
+    out = args.out or Path(args.image.stem + "_prediction.png")  # the working folder, not the dataset's images/
+    check_output_path(out, "--out", (".png", ".jpg", ".jpeg"))
+    check_output_path(args.json, "--json", (".json",))
     tokenizer, model = _load_model(args)
     prediction = predict(
         model,
@@ -232,7 +277,6 @@ def _run_infer(args: argparse.Namespace) -> int:
         **_settings(args),
     )
     print(prediction)
-    out = args.out or args.image.with_name(args.image.stem + "_prediction.png")
     prediction_image(prediction).save(out)
     print(f"drawn: {out}")
     if args.json:
@@ -251,8 +295,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--figure", type=Path, default=None, help="PNG of predicted vs target boxes (default: beside --json)"
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--images", choices=IMAGE_MODES, default="screenshots", help="blank/shuffled: the grounding check")
     _add_model_options(p)
     p.set_defaults(handler=_input_errors_as_messages(_run_evaluate))
@@ -262,6 +306,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from cogagent_nb.infer.evaluate import evaluate, read_eval_samples
 
     read_eval_samples(args.data, limit=args.limit)  # bad data fails here, before the model loads
+    check_output_path(args.json, "--json", (".json",))
+    check_output_path(args.figure, "--figure", (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
     tokenizer, model = _load_model(args)
     report = evaluate(
         model, tokenizer, args.data, limit=args.limit, batch_size=args.batch_size, images=args.images, **_settings(args)

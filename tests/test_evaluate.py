@@ -3,6 +3,7 @@ grounding variants (blank / shuffled screenshots), the report files, and errors 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -127,6 +128,30 @@ def test_samples_keep_their_file_line_and_a_foreign_prompt_is_named(test_file, t
     foreign.write_text(json.dumps(record) + "\n")
     with pytest.raises(ValueError, match=rf"{foreign}:1: messages\[0\].content: .*official prompt"):
         read_eval_samples(foreign)
+
+
+def test_cli_evaluate_refuses_unwritable_outputs_and_unreadable_images_before_generating(
+    tiny_model_dir, test_file, tmp_path, capsys
+) -> None:
+    for argv, words in (
+        (["--json", str(tmp_path)], "is a folder; give a file name ending in .json"),
+        (["--json", str(tmp_path / "no" / "r.json")], f"the folder {tmp_path / 'no'} does not exist"),
+        (["--figure", str(tmp_path / "f.txt")], "--figure"),
+        (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    ):
+        with pytest.raises(SystemExit) if argv[0] == "--batch-size" else contextlib.nullcontext():
+            assert main(["evaluate", str(tiny_model_dir), str(test_file), *argv]) == 2
+        assert words in capsys.readouterr().err, argv
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "fake.png").write_text("not a png")
+    record = json.loads(test_file.read_text().splitlines()[0])
+    record["messages"][0]["image"] = "images/fake.png"
+    fake = tmp_path / "fake.jsonl"
+    fake.write_text(json.dumps(record) + "\n")
+    assert main(["evaluate", str(tiny_model_dir), str(fake)]) == 2
+    assert (
+        f"{fake}:1: messages: image {tmp_path / 'images' / 'fake.png'}: not a readable image" in capsys.readouterr().err
+    )
 
 
 def test_baselines_guess_boxes_without_the_screenshot(test_file, tmp_path) -> None:

@@ -150,6 +150,18 @@ def test_cli_infer_errors_name_the_file(tiny_model_dir, screens, tmp_path, capsy
     assert f"{tmp_path / 'nope.png'}: no such image" in capsys.readouterr().err
     assert main(["infer", str(tiny_model_dir), "--image", str(screens[0]), "--task", "x", "--merge"]) == 2
     assert "--merge needs an adapter" in capsys.readouterr().err
+    assert main(["infer", str(tiny_model_dir), "--image", str(screens[0]), "--task", "x", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: is a folder; give a file name ending in .png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the prompt would say (Platform: win), which the model never saw
+        main(["infer", str(tiny_model_dir), "--image", str(screens[0]), "--task", "x", "--platform", "win"])
+    assert "argument --platform: invalid choice: 'win'" in capsys.readouterr().err
+
+
+def test_cli_infer_draws_into_the_working_folder_not_the_dataset(tiny_model_dir, screens, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["infer", str(tiny_model_dir), "--image", str(screens[0]), "--task", "x", "--max-new-tokens", "2"]) == 0
+    assert (tmp_path / f"{screens[0].stem}_prediction.png").is_file()
+    assert not (screens[0].parent / f"{screens[0].stem}_prediction.png").exists()
 
 
 def test_base_model_plus_lora_adapter_in_one_call(tiny_model_dir, screens, tmp_path) -> None:

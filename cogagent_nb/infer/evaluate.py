@@ -169,6 +169,7 @@ class EvalSample:
     reference: str
     platform: str
     answer_format: str
+    data_file: Path | None = None  # the JSONL file it came from, for messages that point back into it
 
 
 def read_eval_samples(data_file: str | os.PathLike, *, limit: int | None = None) -> list[EvalSample]:
@@ -210,7 +211,7 @@ def _eval_sample(path: Path, number: int, conversation: dict[str, Any]) -> EvalS
             "format from the official prompt (cnb.build_prompt writes one)"
         ) from None
     return EvalSample(
-        number, path.parent / messages[user_at]["image"], prompt, reference, parts.platform, parts.answer_format
+        number, path.parent / messages[user_at]["image"], prompt, reference, parts.platform, parts.answer_format, path
     )
 
 
@@ -220,13 +221,23 @@ def blank_like(image: Image.Image) -> Image.Image:
     return Image.new("RGB", image.size, mean)
 
 
-def model_images(samples: list[EvalSample], mode: str) -> list[Image.Image]:
-    """The pictures the model is shown in `mode` (see `IMAGE_MODES`)."""
+def _screenshot(sample: EvalSample) -> Image.Image:
+    """The sample's screenshot, or an error naming the data file's line (the validator checks only that
+    the file exists; a file that is not an image shows here)."""
     from cogagent_nb.data.images import load_image
 
+    try:
+        return load_image(sample.image_path)
+    except OSError as err:  # FileNotFoundError, PIL's UnidentifiedImageError, a truncated file
+        where = f"{sample.data_file}:{sample.line}: messages: image" if sample.data_file else f"sample {sample.line}"
+        raise ValueError(f"{where} {sample.image_path}: not a readable image ({err})") from None
+
+
+def model_images(samples: list[EvalSample], mode: str) -> list[Image.Image]:
+    """The pictures the model is shown in `mode` (see `IMAGE_MODES`)."""
     if mode not in IMAGE_MODES:
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {mode!r}")
-    images = [load_image(sample.image_path) for sample in samples]
+    images = [_screenshot(sample) for sample in samples]
     if mode == "blank":
         return [blank_like(image) for image in images]
     if mode == "shuffled":  # each sample gets the screenshot of the sample half the set away
