@@ -118,6 +118,34 @@ def test_overrides_edit_the_file_before_it_is_checked(repo_root):
         load_config(repo_root / "configs" / "lora.yaml", ["training_args.max_steps"])
 
 
+def test_values_out_of_range_are_refused_before_the_model_loads(repo_root):
+    official = repo_root / "configs" / "lora.yaml"
+    for override, words in (
+        ("per_device_train_batch_size=0", "per_device_train_batch_size: 0 must be at least 1"),
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps: 0 must be at least 1"),
+        ("learning_rate=-1", "learning_rate: -1 must not be negative"),
+        ("max_steps=0", "max_steps: 0 must be at least 1 (or -1: use epochs)"),
+        ("save_steps=0", "save_steps: 0 must be above 0"),
+    ):
+        with pytest.raises(
+            ConfigError, match=re.escape(f"lora.yaml: training_args.{words} (from --set training_args.")
+        ):
+            load_config(official, [f"training_args.{override}"])
+    assert load_config(official, ["training_args.max_steps=-1", "training_args.eval_steps=0.25"])
+
+
+def test_set_mistakes_are_named_as_set_mistakes(repo_root):
+    official = repo_root / "configs" / "lora.yaml"
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'training_args\.max_stepz'.*\(from --set training_args\.max_stepz=2\)"
+    ):
+        load_config(official, ["training_args.max_stepz=2"])
+    with pytest.raises(ConfigError, match=r"unknown key 'max_steps' \(did you mean 'training_args\.max_steps'\?\)"):
+        load_config(official, ["max_steps=2"])
+    with pytest.raises(ConfigError, match=r"--set 'training_args\.max_steps=\[1': the value is not valid YAML"):
+        load_config(official, ["training_args.max_steps=[1"])
+
+
 def test_the_best_model_metric_must_be_one_that_evaluation_reports(repo_root):
     official = repo_root / "configs" / "lora.yaml"  # predict_with_generate: true
     with pytest.raises(ConfigError, match=r"metric_for_best_model: 'eval_loss' is not reported.*generates answers"):

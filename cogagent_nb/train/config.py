@@ -135,7 +135,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override, path)
-    return config_from_dict(raw, source=str(path))
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as err:  # a key the file does not hold came from the command line: say so
+        culprits = [o for o in overrides if o.partition("=")[0].strip() in str(err)]
+        if not culprits:
+            raise
+        raise ConfigError(f"{err} (from {', '.join('--set ' + o for o in culprits)})") from None
 
 
 def apply_override(raw: dict[str, Any], override: str, source: str | os.PathLike = "--set") -> None:
@@ -152,7 +158,10 @@ def apply_override(raw: dict[str, Any], override: str, source: str | os.PathLike
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: --set {override!r}: {part} is not a mapping")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
 def _did_you_mean(key: str, known: Any) -> str:
@@ -163,12 +172,22 @@ def _did_you_mean(key: str, known: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _nested_hint(key: str) -> str:
+    """` (did you mean 'training_args.max_steps'?)` for a training argument written at the top level."""
+    from transformers import Seq2SeqTrainingArguments
+
+    if key in {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}:
+        return f" (did you mean 'training_args.{key}'?)"
+    return ""
+
+
 def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> FinetuneConfig:
     """Check and resolve a raw config mapping (what the YAML file holds)."""
     known = TOP_LEVEL_KEYS + PROJECT_KEYS
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(key, known)} (known: {', '.join(known)})")
+            hint = _did_you_mean(key, known) or _nested_hint(key)
+            raise ConfigError(f"{source}: unknown key {key!r}{hint} (known: {', '.join(known)})")
     for key in ("data_config", "training_args"):
         if key not in raw or raw[key] is None:
             raise ConfigError(f"{source}: {key}: missing (required)")
@@ -304,8 +323,30 @@ def check_training_args(raw: Any, source: str) -> dict[str, Any]:
                     f"expected {_describe(hints[name])}"
                 )
         out[name] = value
+    check_training_ranges(out, source)
     check_best_metric(out, source)
     return out
+
+
+AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+ABOVE_ZERO = ("save_steps", "eval_steps", "logging_steps", "num_train_epochs")  # steps may be a ratio below 1
+NOT_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm")
+
+
+def check_training_ranges(training_args: dict[str, Any], source: str) -> None:
+    """Values of the right type but out of range: the Trainer or torch would stop on them only after the
+    model has loaded (batch size 0, a negative learning rate), or divide by zero (accumulation 0)."""
+    for key, value in training_args.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key in AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"{source}: training_args.{key}: {value!r} must be at least 1")
+        if key in ABOVE_ZERO and value <= 0:
+            raise ConfigError(f"{source}: training_args.{key}: {value!r} must be above 0")
+        if key in NOT_NEGATIVE and value < 0:
+            raise ConfigError(f"{source}: training_args.{key}: {value!r} must not be negative")
+        if key == "max_steps" and value == 0 or (key == "max_steps" and value < -1):
+            raise ConfigError(f"{source}: training_args.max_steps: {value!r} must be at least 1 (or -1: use epochs)")
 
 
 def check_best_metric(training_args: dict[str, Any], source: str) -> None:
