@@ -64,6 +64,25 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tiny
     assert not list(out.glob(f"{STAGING_PREFIX}*")), "stale staging folders are removed on the next run"
 
 
+def test_a_checkpoint_resumes_only_the_kind_of_run_that_wrote_it(tmp_path):
+    from cogagent_nb.train.checkpoints import ResumeError, check_resume_matches
+
+    full, lora = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    full.mkdir()
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    check_resume_matches(full, None, "sft.yaml")
+    check_resume_matches(lora, "LORA", "lora.yaml")
+    with pytest.raises(
+        ResumeError, match=r"checkpoint-2 was written by full fine-tuning, but lora.yaml trains with LoRA"
+    ):
+        check_resume_matches(full, "LORA", "lora.yaml")
+    with pytest.raises(
+        ResumeError, match=r"checkpoint-4 was written by LoRA, but sft.yaml trains with full fine-tuning"
+    ):
+        check_resume_matches(lora, None, "sft.yaml")
+
+
 def test_resume_argument(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"

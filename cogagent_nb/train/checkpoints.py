@@ -82,6 +82,22 @@ def resolve_resume(resume: str | int | None, output_dir: str | Path) -> Path | N
     return by_step[int(text)]
 
 
+def check_resume_matches(checkpoint: Path, peft_type: str | None, config_source: str) -> None:
+    """A checkpoint resumes only the kind of run that wrote it: a LoRA or prefix-tuning adapter, or a full
+    model. Otherwise the optimizer state does not fit the parameters, and torch says so only as "loaded
+    state dict contains a parameter group that doesn't match the size of optimizer's group"."""
+    adapter_config = checkpoint / "adapter_config.json"
+    written = (
+        json.loads(adapter_config.read_text(encoding="utf-8")).get("peft_type") if adapter_config.is_file() else None
+    )
+    if written != peft_type:
+        kinds = {None: "full fine-tuning", "LORA": "LoRA", "PREFIX_TUNING": "prefix tuning"}
+        raise ResumeError(
+            f"RESUME: {checkpoint} was written by {kinds.get(written, written)}, but {config_source} trains with "
+            f"{kinds.get(peft_type, peft_type)}; resume with the config that wrote it, or start a new output_dir"
+        )
+
+
 def staging_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{STAGING_PREFIX}{step}"
 

@@ -202,7 +202,7 @@ def finetune(
     """
     from transformers import set_seed
 
-    from cogagent_nb.train.checkpoints import resolve_resume
+    from cogagent_nb.train.checkpoints import check_resume_matches, resolve_resume
     from cogagent_nb.train.data import check_data, split_files
 
     if not isinstance(config, FinetuneConfig):
@@ -215,6 +215,7 @@ def finetune(
     output_dir = Path(config.training_args.get("output_dir", "./output"))
     checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
+        check_resume_matches(checkpoint, config.peft_type, config.source)
         _say(f"resuming from {checkpoint}")
     else:
         _warn_about_earlier_checkpoints(output_dir)
