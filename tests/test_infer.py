@@ -10,6 +10,7 @@ import torch
 from infer_helpers import ScriptedModel
 from PIL import Image
 
+import cogagent_nb as cnb
 from cogagent_nb.cli import main
 from cogagent_nb.data.prompts import build_prompt
 from cogagent_nb.infer.generate import (
@@ -186,6 +187,14 @@ def test_base_model_plus_lora_adapter_in_one_call(tiny_model_dir, screens, tmp_p
     ]
     assert texts[1] == texts[2] and texts[0] != texts[1]
     assert type(merged).__name__ == "CogAgentForConditionalGeneration"
+
+    wide = tmp_path / "wide"  # another base: the same preset, 96 wide instead of 128
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    cnb.save_pretrained(wide, cnb.init_model(cnb.CogAgentConfig.from_dict({**config, "hidden_size": 96})), tokenizer)
+    with pytest.raises(
+        ValueError, match=r"adapter: this adapter was trained on a model of another shape .*first difference"
+    ):
+        load_for_inference(wide, adapter=adapter)
 
 
 def test_finetune_outputs_are_found_by_kind(tiny_model_dir, tmp_path) -> None:

@@ -171,7 +171,16 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, *, is_t
         raise CheckpointError(
             f"{config_file}: missing; pass the folder that `save_adapter` or `cogagent-nb finetune` wrote"
         )
-    return PeftModel.from_pretrained(model, str(config_file.parent), is_trainable=is_trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(config_file.parent), is_trainable=is_trainable)
+    except RuntimeError as err:  # torch's dump lists every mismatching tensor; one line says what happened
+        if "size mismatch" not in str(err):
+            raise
+        first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        raise CheckpointError(
+            f"{config_file.parent}: this adapter was trained on a model of another shape than the one loaded "
+            f"(first difference: {first}); load it on the base model it was trained on"
+        ) from None
 
 
 def merge_adapter(peft_model: PeftModel) -> torch.nn.Module:
