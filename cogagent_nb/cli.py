@@ -346,16 +346,20 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model: BASE ADAPTER OUT")
     p.add_argument("base", type=Path, help="the base model folder the adapter was trained on")
-    p.add_argument("adapter", type=Path, help="a LoRA checkpoint folder (adapter_config.json + weights)")
+    p.add_argument(
+        "adapter", type=Path, help="a LoRA checkpoint folder (adapter_config.json + weights), or a finetune output_dir"
+    )
     p.add_argument("out", type=Path, help="new folder for the merged official-format model")
     p.set_defaults(handler=_input_errors_as_messages(_run_merge))
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from cogagent_nb.infer.generate import find_adapter
     from cogagent_nb.train.export import merge_lora
 
-    out = merge_lora(args.base, args.adapter, args.out)
-    print(f"merged {args.adapter} into {args.base}: {out}")
+    adapter = find_adapter(args.adapter) or args.adapter  # a run folder: its newest adapter, as infer takes it
+    out = merge_lora(args.base, adapter, args.out)
+    print(f"merged {adapter} into {args.base}: {out}")
     return 0
 
 

@@ -53,9 +53,10 @@ def test_the_adapter_loads_with_cnb_load_and_merges_into_an_official_model(
     tokenizer, adapted = load(tiny_model_dir, adapter=adapter)
     assert type(adapted).__name__ == "PeftModelForCausalLM"
     merged_dir = out / "merged"
-    command = [sys.executable, "-m", "cogagent_nb", "merge", str(tiny_model_dir), str(adapter), str(merged_dir)]
+    command = [sys.executable, "-m", "cogagent_nb", "merge", str(tiny_model_dir), str(out), str(merged_dir)]
     done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]  # the run folder: its newest adapter, as infer takes it
+    assert f"merged {adapter} into" in done.stdout
     config = json.loads((merged_dir / "config.json").read_text())
     assert config["architectures"] == ["ChatGLMForConditionalGeneration"] and config["model_type"] == "chatglm"
     assert (merged_dir / "tokenizer.model").is_file() and (merged_dir / "generation_config.json").is_file()

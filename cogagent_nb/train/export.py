@@ -31,13 +31,17 @@ def merge_lora(
     """
     import json
 
+    from cogagent_nb.infer.generate import find_adapter
     from cogagent_nb.model.loading import load, write_official_config
     from cogagent_nb.model.peft_recipes import merge_adapter
 
-    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    adapter_dir = find_adapter(adapter_dir) or Path(adapter_dir)  # a finetune output_dir: its newest adapter
     adapter_config = adapter_dir / "adapter_config.json"
     if not adapter_config.is_file():
-        raise FileNotFoundError(f"{adapter_config}: missing; ADAPTER must be a LoRA checkpoint folder")
+        raise FileNotFoundError(
+            f"{adapter_config}: missing; ADAPTER must be a LoRA checkpoint folder, or a finetune output_dir holding one"
+        )
     peft_type = json.loads(adapter_config.read_text(encoding="utf-8")).get("peft_type")
     if peft_type != "LORA":
         raise ValueError(
