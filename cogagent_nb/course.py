@@ -74,6 +74,9 @@ def find_lessons(notebooks_dir: Path, only: Sequence[str] = ()) -> list[Path]:
         )
     lessons = sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if LESSON_PATTERN.match(p.name))
     if only:
+        not_numbers = [n for n in only if not str(n).isdigit()]
+        if not_numbers:
+            raise ValueError(f"--only {' '.join(not_numbers)}: give lesson numbers, e.g. --only 03 07")
         wanted = {f"{int(n):02d}" for n in only}
         lessons = [p for p in lessons if p.name[:2] in wanted]
         missing = wanted - {p.name[:2] for p in lessons}

@@ -101,6 +101,8 @@ def test_a_parameter_no_lesson_declares_is_named_with_the_names_it_resembles(les
 def test_course_command_input_errors_are_one_line_with_exit_status_2(lessons: Path, tmp_path: Path, capsys) -> None:
     assert cli_main(["course", "--notebooks", str(lessons), "--only", "09", "--out", str(tmp_path / "a")]) == 2
     assert "cogagent-nb course: error: --only 09: no such lesson in" in capsys.readouterr().err
+    assert cli_main(["course", "--notebooks", str(lessons), "--only", "xx", "--out", str(tmp_path / "a")]) == 2
+    assert "cogagent-nb course: error: --only xx: give lesson numbers, e.g. --only 03 07" in capsys.readouterr().err
     missing = tmp_path / "nowhere"
     assert cli_main(["course", "--notebooks", str(missing), "--out", str(tmp_path / "b")]) == 2
     assert (
