@@ -419,3 +419,15 @@ def test_present_splits_and_the_held_out_one(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no train.jsonl, dev.jsonl or test.jsonl"):
         held_out_split(empty)
+
+
+def test_the_example_in_our_readme_is_clean(repo_root: Path, tmp_path: Path) -> None:
+    """What a user copies from "Using your own data" validates with no error and no warning."""
+    import re
+
+    block = re.search(r"## Using your own data.*?```json\n(.*?)\n```", (repo_root / "README.md").read_text(), re.S)
+    assert block, "README.md lost its 'Using your own data' example"
+    (tmp_path / "train.jsonl").write_text(block.group(1) + "\n", encoding="utf-8")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (320, 200), "white").save(tmp_path / "images" / "0001.png")
+    assert [str(p) for p in validate_paths([tmp_path / "train.jsonl"])] == []
