@@ -53,3 +53,21 @@ def _check_lora(name: str, peft_config: dict) -> None:
     ours = lora_config()
     for field in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules"):
         assert getattr(built, field) == getattr(ours, field), f"{name}: peft_config: {field}"
+
+
+@pytest.mark.parametrize("name", ["tiny_lora.yaml", "tiny_sft.yaml"])
+def test_the_course_configs_cut_no_demo_sample(name: str, demo_data_dir: Path) -> None:
+    """The course trains on its demo set with these budgets: none of its samples may lose a token."""
+    from cogagent_nb.data.encoding import ConversationDataset
+    from cogagent_nb.data.tokenizer import TINY_TOKENIZER_FILE, ChatGLM4Tokenizer
+    from cogagent_nb.train.data import length_budgets
+
+    tokenizer = ChatGLM4Tokenizer(TINY_TOKENIZER_FILE, image_size=224)
+    budgets = length_budgets(load_config(CONFIGS_DIR / name))
+    for split in ("train", "dev", "test"):
+        dataset = ConversationDataset(demo_data_dir / f"{split}.jsonl", tokenizer, 64, **budgets)
+        assert dataset.truncation_summary() is None
+    tight = ConversationDataset(demo_data_dir / "train.jsonl", tokenizer, 64, **{**budgets, "max_output_length": 128})
+    assert "1 of 361 samples are cut to fit max_input_length=512, max_output_length=128: answer cut in 1" in str(
+        tight.truncation_summary()
+    )

@@ -114,7 +114,9 @@ def test_prepare_distributed_on_gpu_changes_nothing_but_the_env(monkeypatch):
     monkeypatch.setattr(dist, "accelerator_available", lambda: True)
     monkeypatch.setattr(dist, "init_cpu_deepspeed_state", lambda: pytest.fail("no CPU state on a GPU"))
     given = {"output_dir": "out", "deepspeed": "configs/ds_zero_3.json"}
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     assert dist.prepare_distributed(given) == given
+    assert "DS_ACCELERATOR" not in os.environ, "DeepSpeed finds the GPU itself"
 
 
 def test_deepspeed_with_use_cpu_on_a_gpu_machine_is_an_error_that_says_what_to_set(monkeypatch):
@@ -124,6 +126,7 @@ def test_deepspeed_with_use_cpu_on_a_gpu_machine_is_an_error_that_says_what_to_s
 
 
 def test_prepare_distributed_plain_ddp_on_cpu_uses_gloo(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "accelerator_available", lambda: False)
@@ -131,6 +134,7 @@ def test_prepare_distributed_plain_ddp_on_cpu_uses_gloo(monkeypatch):
     assert args["use_cpu"] is True and args["ddp_backend"] == "gloo"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert dist.prepare_distributed({"output_dir": "out"}) == {"output_dir": "out"}
+    assert os.environ["DS_ACCELERATOR"] == "cpu", "transformers imports DeepSpeed even without a config: no warning"
 
 
 def test_command_lines():

@@ -349,15 +349,10 @@ def encode_conversation(
     end_of_turn_id = _end_of_turn_id(tokenizer, end_of_turn)
     messages = _checked_messages(messages, name)
     image_index = next(i for i, m in enumerate(messages) if m.get("image") is not None)
-    turns = _turns(messages, tokenizer)
-
-    answer = turns[-1]
-    answer_cut, keep_newline, keep_end = _cut_answer(answer, max_output_length)
-    answer_length = int(keep_newline) * answer.header_length + len(answer.ids) + int(keep_end)
-    budget, budget_name = _prompt_budget(max_input_length, max_model_length, num_image_tokens + 2, answer_length)
-    steps_dropped, tokens_cut, task_line_cut = (0, 0, False)
-    if budget is not None:
-        steps_dropped, tokens_cut, task_line_cut = _fit_prompt(turns, tokenizer, budget, budget_name, name)
+    turns, truncation, keep_newline = _fitted_turns(
+        messages, tokenizer, num_image_tokens, max_input_length, max_output_length, max_model_length, name
+    )
+    keep_end = not truncation.end_of_turn_dropped
     segments = render_conversation(
         messages,
         tokenizer,
@@ -384,9 +379,50 @@ def encode_conversation(
         image=_load_image_tensor(messages[image_index]["image"], image_root, tokenizer, name),
         segments=tuple(segments),
         num_image_tokens=num_image_tokens,
-        truncation=TruncationReport(steps_dropped, tokens_cut, task_line_cut, answer_cut, not keep_end),
+        truncation=truncation,
         name=name,
     )
+
+
+def _fitted_turns(
+    messages: list[Mapping],
+    tokenizer,
+    num_image_tokens: int,
+    max_input_length: int | None,
+    max_output_length: int | None,
+    max_model_length: int | None,
+    name: str,
+) -> tuple[list[_Turn], TruncationReport, bool]:
+    """The turns' text ids after the budgets cut them (answer from the right, then the prompt's history,
+    then its text from the left), what was cut, and whether the answer keeps its "\n" header. Images are
+    not read, so `truncation_of` can count over a whole file."""
+    turns = _turns(messages, tokenizer)
+    answer = turns[-1]
+    answer_cut, keep_newline, keep_end = _cut_answer(answer, max_output_length)
+    answer_length = int(keep_newline) * answer.header_length + len(answer.ids) + int(keep_end)
+    budget, budget_name = _prompt_budget(max_input_length, max_model_length, num_image_tokens + 2, answer_length)
+    steps_dropped, tokens_cut, task_line_cut = (0, 0, False)
+    if budget is not None:
+        steps_dropped, tokens_cut, task_line_cut = _fit_prompt(turns, tokenizer, budget, budget_name, name)
+    return turns, TruncationReport(steps_dropped, tokens_cut, task_line_cut, answer_cut, not keep_end), keep_newline
+
+
+def truncation_of(
+    messages: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    tokenizer,
+    *,
+    num_image_tokens: int,
+    max_input_length: int | None = None,
+    max_output_length: int | None = None,
+    max_model_length: int | None = None,
+    name: str = "sample",
+) -> TruncationReport:
+    """What `encode_conversation` with these budgets would cut from a conversation, without reading its
+    screenshot: cheap enough to count over a whole training file before training starts."""
+    checked = _checked_messages(messages, name)
+    return _fitted_turns(
+        checked, tokenizer, num_image_tokens, max_input_length, max_output_length, max_model_length, name
+    )[1]
 
 
 # --- batching --------------------------------------------------------------------------------------
@@ -440,6 +476,9 @@ class TrainingCollator:
         return batch
 
 
+TRUNCATION_BUDGETS = ("max_input_length", "max_output_length", "max_model_length")
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """A JSONL file of conversations, encoded lazily one item at a time (images are read on access).
 
@@ -475,6 +514,29 @@ class ConversationDataset(torch.utils.data.Dataset):
                 for messages in (c["messages"] if isinstance(c, Mapping) else c for c in self.conversations)
             ]
         return self._text_lengths
+
+    def truncation_summary(self) -> str | None:
+        """One line saying how many samples the length budgets cut and where, or None if none: printed
+        before training, since a cut prompt or answer otherwise changes the loss without a word."""
+        budgets = {k: v for k, v in self.encode_kwargs.items() if k in TRUNCATION_BUDGETS}
+        reports = [
+            truncation_of(
+                c, self.tokenizer, num_image_tokens=self.num_image_tokens, name=f"{self.path} sample {i}", **budgets
+            )
+            for i, c in enumerate(self.conversations)
+        ]
+        cut = [r for r in reports if r.truncated]
+        if not cut:
+            return None
+        where = {
+            "history steps dropped": sum(r.history_steps_dropped > 0 for r in cut),
+            "prompt text cut": sum(r.prompt_tokens_cut > 0 for r in cut),
+            "answer cut": sum(r.answer_tokens_cut > 0 for r in cut),
+            "stop token dropped": sum(r.end_of_turn_dropped for r in cut),
+        }
+        settings = ", ".join(f"{k}={v}" for k, v in budgets.items() if v is not None)
+        parts = ", ".join(f"{what} in {n}" for what, n in where.items() if n)
+        return f"{self.path}: {len(cut)} of {len(reports)} samples are cut to fit {settings}: {parts}"
 
     def __getitem__(self, index: int) -> EncodedSample:
         return encode_conversation(

@@ -391,6 +391,8 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
     info = launch_info()
     has_accelerator = accelerator_available()
     on_cpu = not has_accelerator or bool(args.get("use_cpu"))
+    if not has_accelerator:  # transformers imports DeepSpeed when it is installed, with or without a config
+        use_cpu_accelerator()
     if args.get("deepspeed") and args.get("use_cpu") and has_accelerator:
         # DeepSpeed picks its accelerator by itself (CUDA whenever one is visible), so it cannot be kept on the CPU
         raise DeepSpeedConfigError(
@@ -405,7 +407,7 @@ def prepare_distributed(training_args: Mapping[str, Any]) -> dict[str, Any]:
         if not on_cpu:
             set_cuda_arch_list()
         if on_cpu:
-            use_cpu_accelerator()
+            use_cpu_accelerator()  # also with use_cpu on a machine that has a GPU
             args["accelerator_config"] = _with_configured_state(args.get("accelerator_config"))
             init_cpu_deepspeed_state()
             remove_shm_buffer_at_exit()
