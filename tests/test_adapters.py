@@ -19,6 +19,7 @@ from cogagent_nb.model.peft_recipes import (
     load_adapter,
     lora_config,
     merge_adapter,
+    quiet_peft_deprecations,
     save_adapter,
     trainable_parameters_table,
 )
@@ -230,3 +231,20 @@ def test_prefix_adapter_save_load_round_trip(model, batch, tiny_model_dir, tmp_p
     out = save_adapter(peft_model, tmp_path / "prefix")
     reloaded = load_adapter(load(tiny_model_dir)[1], out)
     assert torch.equal(logits_of(reloaded, batch), expected)
+
+
+def test_wrapping_shows_no_warning_a_learner_cannot_act_on(model, tiny_model_dir, tmp_path):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`; that FutureWarning is silenced, others not."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = add_lora(model)
+        save_adapter(adapted, tmp_path / "a")
+        load_adapter(load(tiny_model_dir)[1], tmp_path / "a")
+        add_prefix_tuning(load(tiny_model_dir)[1])
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
+    with warnings.catch_warnings(record=True) as caught, quiet_peft_deprecations():
+        warnings.simplefilter("always")
+        warnings.warn("something else", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]

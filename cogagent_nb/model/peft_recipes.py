@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,16 @@ VISION_PREFIX = "transformer.vision."
 
 # Official lora.yaml values (THUDM/CogAgent finetune/configs/lora.yaml).
 OFFICIAL_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ("query_key_value",)}
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"  # PEFT reads the old name; transformers 5 warns
+
+
+@contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """Silence the one FutureWarning that PEFT's own code triggers in transformers 5 on every wrap: a learner
+    cannot act on it, and it reads as if this course did something wrong. Other warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+        yield
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------------
@@ -85,7 +97,10 @@ def add_lora(
     """Wrap `model` with LoRA adapters (`lora_config` arguments); only the adapters remain trainable."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(scope, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules))
+    with quiet_peft_deprecations():
+        return get_peft_model(
+            model, lora_config(scope, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
+        )
 
 
 def adapted_modules(peft_model: torch.nn.Module) -> list[str]:
@@ -136,7 +151,10 @@ def add_prefix_tuning(
     from peft import get_peft_model
 
     config = model.config
-    return get_peft_model(model, prefix_tuning_config(config, num_virtual_tokens, prefix_projection=prefix_projection))
+    with quiet_peft_deprecations():
+        return get_peft_model(
+            model, prefix_tuning_config(config, num_virtual_tokens, prefix_projection=prefix_projection)
+        )
 
 
 # --- full fine-tuning (official sft.yaml) -------------------------------------------------------------------
@@ -172,7 +190,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, *, is_t
             f"{config_file}: missing; pass the folder that `save_adapter` or `cogagent-nb finetune` wrote"
         )
     try:
-        return PeftModel.from_pretrained(model, str(config_file.parent), is_trainable=is_trainable)
+        with quiet_peft_deprecations():
+            return PeftModel.from_pretrained(model, str(config_file.parent), is_trainable=is_trainable)
     except RuntimeError as err:  # torch's dump lists every mismatching tensor; one line says what happened
         if "size mismatch" not in str(err):
             raise

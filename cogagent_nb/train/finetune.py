@@ -143,14 +143,15 @@ def model_dtype(config: FinetuneConfig):
 def build_model(model_dir: str | os.PathLike, config: FinetuneConfig, *, echo: bool = True):
     """Load (tokenizer, model), add the config's PEFT method, apply freezeV; print trainable parameters."""
     from cogagent_nb.model.loading import load
-    from cogagent_nb.model.peft_recipes import freeze_vision_tower, trainable_parameters_table
+    from cogagent_nb.model.peft_recipes import freeze_vision_tower, quiet_peft_deprecations, trainable_parameters_table
 
     tokenizer, model = load(model_dir, dtype=model_dtype(config))
     model.config.use_cache = False  # training never reuses a KV cache (official finetune.py does the same)
     if config.peft_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config_for(model, config))
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, peft_config_for(model, config))
     if config.freezeV:
         freeze_vision_tower(model)
     if echo:
