@@ -92,6 +92,8 @@ def test_cli_evaluate_errors_name_the_file(tiny_model_dir, test_file, tmp_path, 
     missing = tmp_path / "missing.jsonl"
     assert main(["evaluate", str(tiny_model_dir), str(missing)]) == 2
     assert f"{missing}: no such data file" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_model_dir), str(test_file.parent)]) == 2
+    assert f"{test_file.parent}: is a folder; give one of its .jsonl files" in capsys.readouterr().err
     broken = tmp_path / "broken.jsonl"
     broken.write_text(test_file.read_text().splitlines()[0] + '\n{"messages": [}\n')
     assert main(["evaluate", str(tiny_model_dir), str(broken)]) == 2

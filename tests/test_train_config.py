@@ -134,6 +134,11 @@ def test_values_out_of_range_are_refused_before_the_model_loads(repo_root):
     assert load_config(official, ["training_args.max_steps=-1", "training_args.eval_steps=0.25"])
 
 
+def test_a_folder_for_the_config_file_is_named_as_one(repo_root):
+    with pytest.raises(ConfigError, match=r"configs: is a folder; give the config's \.yaml file"):
+        load_config(repo_root / "configs")
+
+
 def test_set_mistakes_are_named_as_set_mistakes(repo_root):
     official = repo_root / "configs" / "lora.yaml"
     with pytest.raises(

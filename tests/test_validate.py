@@ -113,6 +113,13 @@ BROKEN = [
         "error",
     ),
     (
+        "image-is-a-folder",
+        line(user(image="images"), assistant()),
+        "messages[0].image",
+        "images is a folder, not an image file",
+        "error",
+    ),
+    (
         "unreadable-image",
         line(user(image="images/broken.png"), assistant()),
         "messages[0].image",

@@ -420,6 +420,8 @@ def _operation_box_problems(operation: Action) -> list[str]:
 
 
 def _image_problem(path: Path, image: str, open_images: bool) -> str | None:
+    if path.is_dir():
+        return f"{image} is a folder, not an image file (looked at {path})"
     if not path.is_file():
         return f"image file not found: {image} (looked for {path}; paths are relative to the JSONL file's folder)"
     if not open_images:

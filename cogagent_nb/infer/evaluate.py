@@ -180,7 +180,8 @@ def read_eval_samples(data_file: str | os.PathLike, *, limit: int | None = None)
     """
     path = Path(data_file)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+        what = "is a folder; give one of its .jsonl files (e.g. test.jsonl)" if path.is_dir() else "no such data file"
+        raise FileNotFoundError(f"{path}: {what}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit {limit}: expected a number of samples of at least 1 (or None for all)")
     numbered = load_numbered_conversations(path)

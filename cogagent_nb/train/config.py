@@ -124,7 +124,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        what = (
+            "is a folder; give the config's .yaml file (e.g. configs/lora.yaml)"
+            if path.is_dir()
+            else "config file not found"
+        )
+        raise ConfigError(f"{path}: {what}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
