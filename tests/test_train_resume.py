@@ -142,6 +142,21 @@ def test_the_best_checkpoint_is_recorded_where_it_was_published(tiny_model_dir, 
         assert (tmp_path / best.rsplit("/", 1)[1]).is_dir(), "the best checkpoint survives save_total_limit"
 
 
+def test_resume_yes_finds_a_checkpoint_whose_re_save_was_killed(tiny_model_dir, tiny_train_data, repo_root, tmp_path):
+    """Only checkpoint-2.old is left (killed between publish's two renames): RESUME=yes resumes from step 2."""
+    from cogagent_nb.train.finetune import finetune
+
+    overrides = ["training_args.save_steps=2", "data_config.test_file=null", f"training_args.output_dir={tmp_path}"]
+    config = repo_root / "configs" / "tiny_lora.yaml"
+    finetune(tiny_train_data, tiny_model_dir, config, overrides=[*overrides, "training_args.max_steps=2"])
+    (tmp_path / "checkpoint-2").rename(tmp_path / "checkpoint-2.old")
+    resumed = finetune(
+        tiny_train_data, tiny_model_dir, config, "yes", overrides=[*overrides, "training_args.max_steps=3"]
+    )
+    assert resumed.first_step == 2 and resumed.steps == 3
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 3] and not list(tmp_path.glob("*.old"))
+
+
 def test_a_fresh_run_into_a_used_folder_is_warned_about(tmp_path, capsys):
     from cogagent_nb.train.finetune import _warn_about_earlier_checkpoints
 

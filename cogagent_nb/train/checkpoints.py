@@ -113,15 +113,23 @@ def remove_stale_staging(output_dir: str | Path) -> list[Path]:
     return stale
 
 
-def restore_replaced(output_dir: Path) -> None:
+def restore_replaced(output_dir: str | Path) -> None:
     """`checkpoint-N.old` exists only if a re-save of step N was killed inside `publish`: alone, it is the
-    last complete copy of step N and gets its name back; beside a new `checkpoint-N`, it is deleted."""
+    last complete copy of step N and gets its name back; beside a new `checkpoint-N`, it is deleted.
+
+    Run before RESUME is resolved, so that `yes` or `N` finds the restored checkpoint. Every rank may run
+    it at once (there is no process group yet): a rename that another rank made first is not an error.
+    """
+    output_dir = Path(output_dir)
     for old in sorted(output_dir.glob(f"checkpoint-*{REPLACED_SUFFIX}")) if output_dir.is_dir() else []:
         final = old.with_name(old.name.removesuffix(REPLACED_SUFFIX))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
-        else:
+            continue
+        try:
             os.replace(old, final)
+        except FileNotFoundError:  # another rank restored it a moment ago
+            pass
 
 
 def _fsync(path: Path) -> None:

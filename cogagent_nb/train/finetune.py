@@ -203,7 +203,7 @@ def finetune(
     """
     from transformers import set_seed
 
-    from cogagent_nb.train.checkpoints import check_resume_matches, resolve_resume
+    from cogagent_nb.train.checkpoints import check_resume_matches, resolve_resume, restore_replaced
     from cogagent_nb.train.data import check_data, split_files
 
     if not isinstance(config, FinetuneConfig):
@@ -214,6 +214,7 @@ def finetune(
         del files["val"]  # read only when evaluating; a learner's own data often has no dev split
     check_data(files, echo=is_main_process())
     output_dir = Path(config.training_args.get("output_dir", "./output"))
+    restore_replaced(output_dir)  # a re-save killed between its two renames left checkpoint-N.old: N again
     checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
         check_resume_matches(checkpoint, config.peft_type, config.source)
