@@ -167,7 +167,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample")
-    p.add_argument("--top-p", type=positive_float, default=1.0, help="with --sample (at most 1)")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="with --sample (above 0, at most 1)")
     p.add_argument("--top-k", type=positive_int, default=None, help="with --sample")
     p.add_argument("--seed", type=int, default=None, help="seed for --sample")
 
@@ -207,15 +207,26 @@ def _load_model(args: argparse.Namespace):
 
 def check_output_path(path: Path | None, option: str, suffixes: tuple[str, ...]) -> None:
     """Refuse an output path that cannot be written, before the model loads and generation runs (minutes
-    on the 9B, lost if the write fails at the end)."""
+    on the 9B, lost if the write fails at the end); its folder is made here (`--json runs/eval.json` in a
+    fresh clone, where runs/ does not exist yet)."""
     if path is None:
         return
     if path.is_dir():
         raise IsADirectoryError(f"{option} {path}: is a folder; give a file name ending in {' or '.join(suffixes)}")
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"{option} {path}: give a file name ending in {' or '.join(suffixes)}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{option} {path}: the folder {path.parent} does not exist")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"{option} {path}: a file stands where its folder should be") from None
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in (0, 1], as top-p is."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at most 1")
+    return value
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -303,9 +314,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cogagent_nb.infer.evaluate import evaluate, read_eval_samples
+    from cogagent_nb.infer.evaluate import check_screenshots, evaluate, read_eval_samples
 
-    read_eval_samples(args.data, limit=args.limit)  # bad data fails here, before the model loads
+    check_screenshots(read_eval_samples(args.data, limit=args.limit))  # bad data fails here, before the model loads
     check_output_path(args.json, "--json", (".json",))
     check_output_path(args.figure, "--figure", (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
     tokenizer, model = _load_model(args)

@@ -133,11 +133,12 @@ def test_samples_keep_their_file_line_and_a_foreign_prompt_is_named(test_file, t
 
 
 def test_cli_evaluate_refuses_unwritable_outputs_and_unreadable_images_before_generating(
-    tiny_model_dir, test_file, tmp_path, capsys
+    tiny_model_dir, test_file, tmp_path, capsys, monkeypatch
 ) -> None:
+    (tmp_path / "r.json").write_text("{}")  # a file where a folder should be
     for argv, words in (
         (["--json", str(tmp_path)], "is a folder; give a file name ending in .json"),
-        (["--json", str(tmp_path / "no" / "r.json")], f"the folder {tmp_path / 'no'} does not exist"),
+        (["--json", str(tmp_path / "r.json" / "x.json"), "--limit", "1"], "a file stands where its folder should be"),
         (["--figure", str(tmp_path / "f.txt")], "--figure"),
         (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
     ):
@@ -150,10 +151,32 @@ def test_cli_evaluate_refuses_unwritable_outputs_and_unreadable_images_before_ge
     record["messages"][0]["image"] = "images/fake.png"
     fake = tmp_path / "fake.jsonl"
     fake.write_text(json.dumps(record) + "\n")
-    assert main(["evaluate", str(tiny_model_dir), str(fake)]) == 2
+    fetched = []
+    monkeypatch.setattr("cogagent_nb.cli._load_model", lambda args: fetched.append(args) or pytest.fail("loaded"))
+    assert main(["evaluate", str(tiny_model_dir), str(fake)]) == 2  # before the model loads
+    field = f"{fake}:1: messages[0].image: {tmp_path / 'images' / 'fake.png'} is not a readable image"
+    assert field in capsys.readouterr().err and fetched == []
+
+
+def test_cli_evaluate_makes_the_folder_of_its_json(tiny_model_dir, test_file, tmp_path) -> None:
+    out = tmp_path / "runs" / "eval.json"  # README's `--json runs/eval.json`, where runs/ does not exist yet
     assert (
-        f"{fake}:1: messages: image {tmp_path / 'images' / 'fake.png'}: not a readable image" in capsys.readouterr().err
+        main(
+            [
+                "evaluate",
+                str(tiny_model_dir),
+                str(test_file),
+                "--limit",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
     )
+    assert json.loads(out.read_text())["summary"]["n"] == 1
 
 
 def test_baselines_guess_boxes_without_the_screenshot(test_file, tmp_path) -> None:

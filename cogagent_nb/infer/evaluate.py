@@ -170,6 +170,11 @@ class EvalSample:
     platform: str
     answer_format: str
     data_file: Path | None = None  # the JSONL file it came from, for messages that point back into it
+    image_message: int = 0  # the index of the user turn that holds the screenshot
+
+    def image_field(self) -> str:
+        """`FILE:LINE: messages[i].image`, as the validator names the field."""
+        return f"{self.data_file}:{self.line}: messages[{self.image_message}].image"
 
 
 def read_eval_samples(data_file: str | os.PathLike, *, limit: int | None = None) -> list[EvalSample]:
@@ -212,7 +217,14 @@ def _eval_sample(path: Path, number: int, conversation: dict[str, Any]) -> EvalS
             "format from the official prompt (cnb.build_prompt writes one)"
         ) from None
     return EvalSample(
-        number, path.parent / messages[user_at]["image"], prompt, reference, parts.platform, parts.answer_format, path
+        number,
+        path.parent / messages[user_at]["image"],
+        prompt,
+        reference,
+        parts.platform,
+        parts.answer_format,
+        data_file=path,
+        image_message=user_at,
     )
 
 
@@ -223,15 +235,27 @@ def blank_like(image: Image.Image) -> Image.Image:
 
 
 def _screenshot(sample: EvalSample) -> Image.Image:
-    """The sample's screenshot, or an error naming the data file's line (the validator checks only that
-    the file exists; a file that is not an image shows here)."""
+    """The sample's screenshot, or an error naming the data file's line and field (the loader checks only
+    that the file exists; a file that is not an image shows here)."""
     from cogagent_nb.data.images import load_image
 
     try:
         return load_image(sample.image_path)
     except OSError as err:  # FileNotFoundError, PIL's UnidentifiedImageError, a truncated file
-        where = f"{sample.data_file}:{sample.line}: messages: image" if sample.data_file else f"sample {sample.line}"
-        raise ValueError(f"{where} {sample.image_path}: not a readable image ({err})") from None
+        raise ValueError(f"{sample.image_field()}: {sample.image_path} is not a readable image ({err})") from None
+
+
+def check_screenshots(samples: list[EvalSample]) -> None:
+    """Open every screenshot's header (no pixels decoded), so that a file that is not an image stops the run
+    before the model loads; `cogagent-nb evaluate` calls it."""
+    from PIL import Image
+
+    for sample in samples:
+        try:
+            with Image.open(sample.image_path):
+                pass
+        except OSError as err:
+            raise ValueError(f"{sample.image_field()}: {sample.image_path} is not a readable image ({err})") from None
 
 
 def model_images(samples: list[EvalSample], mode: str) -> list[Image.Image]:
