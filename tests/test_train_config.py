@@ -124,14 +124,22 @@ def test_values_out_of_range_are_refused_before_the_model_loads(repo_root):
         ("per_device_train_batch_size=0", "per_device_train_batch_size: 0 must be at least 1"),
         ("gradient_accumulation_steps=0", "gradient_accumulation_steps: 0 must be at least 1"),
         ("learning_rate=-1", "learning_rate: -1 must not be negative"),
-        ("max_steps=0", "max_steps: 0 must be at least 1 (or -1: use epochs)"),
-        ("save_steps=0", "save_steps: 0 must be above 0"),
+        ("save_steps=0", "save_steps: 0 must be above 0 with save_strategy 'steps'"),
+        ("eval_steps=-5", "eval_steps: -5 must not be negative"),
     ):
         with pytest.raises(
             ConfigError, match=re.escape(f"lora.yaml: training_args.{words} (from --set training_args.")
         ):
             load_config(official, [f"training_args.{override}"])
-    assert load_config(official, ["training_args.max_steps=-1", "training_args.eval_steps=0.25"])
+    for valid in (  # what transformers accepts: a ratio, eval_steps 0 (= logging_steps), values it does not read
+        ["training_args.max_steps=-1", "training_args.eval_steps=0.25"],
+        ["training_args.eval_steps=0"],
+        ["training_args.save_strategy=epoch", "training_args.save_steps=0"],
+        ["training_args.num_train_epochs=0"],  # max_steps 3000 counts
+    ):
+        assert load_config(official, valid), valid
+    with pytest.raises(ConfigError, match=r"num_train_epochs: 0 must be above 0 \(max_steps is not set\)"):
+        load_config(official, ["training_args.max_steps=-1", "training_args.num_train_epochs=0"])
 
 
 def test_a_folder_for_the_config_file_is_named_as_one(repo_root):
@@ -160,6 +168,8 @@ def test_the_best_model_metric_must_be_one_that_evaluation_reports(repo_root):
     with pytest.raises(ConfigError, match=r"'click_in_box' is not reported.*computes the loss only; use one of loss"):
         load_config(official, plain + ["training_args.metric_for_best_model=click_in_box"])
     assert load_config(official, plain + ["training_args.metric_for_best_model=loss"])
+    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'loss' is not reported.*generates answers"):
+        load_config(official, ["training_args.load_best_model_at_end=true"])  # transformers' default metric
 
 
 def test_evaluating_without_a_validation_file_is_refused_by_name(repo_root):

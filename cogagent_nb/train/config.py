@@ -334,24 +334,31 @@ def check_training_args(raw: Any, source: str) -> dict[str, Any]:
 
 
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
-ABOVE_ZERO = ("save_steps", "eval_steps", "logging_steps", "num_train_epochs")  # steps may be a ratio below 1
-NOT_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm")
+NOT_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "eval_steps")
+STEPS_OF_STRATEGY = {"save_steps": "save_strategy", "logging_steps": "logging_strategy"}  # read only for "steps"
 
 
 def check_training_ranges(training_args: dict[str, Any], source: str) -> None:
     """Values of the right type but out of range: the Trainer or torch would stop on them only after the
-    model has loaded (batch size 0, a negative learning rate), or divide by zero (accumulation 0)."""
+    model has loaded (batch size 0, a negative learning rate), or divide by zero (accumulation 0). Values
+    that transformers reads only in some settings are checked only there (save_steps under
+    save_strategy "steps", epochs when max_steps does not count; eval_steps 0 falls back to logging_steps)."""
     for key, value in training_args.items():
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if key in AT_LEAST_ONE and value < 1:
             raise ConfigError(f"{source}: training_args.{key}: {value!r} must be at least 1")
-        if key in ABOVE_ZERO and value <= 0:
-            raise ConfigError(f"{source}: training_args.{key}: {value!r} must be above 0")
         if key in NOT_NEGATIVE and value < 0:
             raise ConfigError(f"{source}: training_args.{key}: {value!r} must not be negative")
-        if key == "max_steps" and value == 0 or (key == "max_steps" and value < -1):
-            raise ConfigError(f"{source}: training_args.max_steps: {value!r} must be at least 1 (or -1: use epochs)")
+        strategy = STEPS_OF_STRATEGY.get(key)
+        if strategy and training_args.get(strategy, "steps") == "steps" and value <= 0:
+            raise ConfigError(f"{source}: training_args.{key}: {value!r} must be above 0 with {strategy} 'steps'")
+        max_steps = training_args.get("max_steps")
+        counts_epochs = max_steps is None or max_steps <= 0  # transformers: a positive max_steps overrides epochs
+        if key == "num_train_epochs" and counts_epochs and value <= 0:
+            raise ConfigError(
+                f"{source}: training_args.num_train_epochs: {value!r} must be above 0 (max_steps is not set)"
+            )
 
 
 def check_best_metric(training_args: dict[str, Any], source: str) -> None:
@@ -361,6 +368,12 @@ def check_best_metric(training_args: dict[str, Any], source: str) -> None:
     from cogagent_nb.infer.metrics import METRICS
 
     metric = training_args.get("metric_for_best_model")
+    uses_a_metric = training_args.get("load_best_model_at_end") or training_args.get("lr_scheduler_type") in (
+        "reduce_lr_on_plateau",
+        "greedy",
+    )
+    if metric is None and uses_a_metric:
+        metric = "loss"  # what transformers fills in for these two settings
     if metric is None:
         return
     available = METRICS if training_args.get("predict_with_generate") else ("loss",)
