@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import types
 import typing
 import warnings
@@ -143,7 +144,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     try:
         return config_from_dict(raw, source=str(path))
     except ConfigError as err:  # a key the file does not hold came from the command line: say so
-        culprits = [o for o in overrides if o.partition("=")[0].strip() in str(err)]
+        culprits = [o for o in overrides if _names_key(str(err), o.partition("=")[0].strip())]
         if not culprits:
             raise
         raise ConfigError(f"{err} (from {', '.join('--set ' + o for o in culprits)})") from None
@@ -166,7 +167,13 @@ def apply_override(raw: dict[str, Any], override: str, source: str | os.PathLike
     try:
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: the value is not valid YAML: {getattr(err, 'problem', err)}") from None
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"{source}: --set {override!r}: the value is not valid YAML: {problem}") from None
+
+
+def _names_key(message: str, key: str) -> bool:
+    """Whether an error message names `key` as a whole dotted key (`max_steps` is not in `training_args.max_stepsx`)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) is not None
 
 
 def _did_you_mean(key: str, known: Any) -> str:
