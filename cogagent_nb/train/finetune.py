@@ -264,13 +264,15 @@ def build_datasets(
     from cogagent_nb.train.data import PromptDataset, train_dataset
 
     datasets: dict[str, Any] = {"train": train_dataset(files["train"], tokenizer, config, num_image_tokens)}
-    cut = datasets["train"].truncation_summary()  # a cut prompt or answer changes the loss without a word
-    if cut:
-        _say(f"warning: {cut}")
     for split in ("val", "test"):
         if split in files:
             make = PromptDataset if generate else train_dataset
             datasets[split] = make(files[split], tokenizer, config, num_image_tokens)
+    if is_main_process():  # a cut prompt or answer changes the loss without a word: count them once, say so
+        for dataset in datasets.values():
+            cut = dataset.truncation_summary() if hasattr(dataset, "truncation_summary") else None
+            if cut:
+                _say(f"warning: {cut}")
     return datasets
 
 
