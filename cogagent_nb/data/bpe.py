@@ -175,7 +175,8 @@ def train_bpe(
             raise BPETrainingError(
                 f"the corpus supports only {len(ranks) - N_BYTE_TOKENS} merges seen at least {min_pair_count} times "
                 f"({sum(len(p) * c for p, c in pieces.items())} bytes, {len(pieces)} distinct pieces); "
-                f"{n_ranks} ranks need {n_merges}: use more text, or at most {len(ranks)} ranks (--n-ranks {len(ranks)})"
+                f"{n_ranks} ranks need {n_merges}: use more text, or at most {len(ranks)} ranks "
+                f"(--n-ranks {len(ranks)})"
             )
         merged = state.merge(best)
         if merged not in ranks:  # two different splits can produce the same bytes: one rank only

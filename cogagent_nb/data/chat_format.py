@@ -118,7 +118,7 @@ def _message_problems(i: int, message: Mapping[str, Any]) -> list[GrammarProblem
         problems.append(GrammarProblem(f"messages[{i}].content", "missing"))
     elif not isinstance(content, str):
         problems.append(GrammarProblem(f"messages[{i}].content", f"must be a string, got {type(content).__name__}"))
-    if message.get("tools"):  # the official template has a tools branch; CogAgent's data never uses it
+    if message.get("tools"):  # GLM-4's template renders tool definitions; this package's has no such branch
         problems.append(
             GrammarProblem(f"messages[{i}].tools", "tool definitions are not supported by this chat template")
         )

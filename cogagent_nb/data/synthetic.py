@@ -826,8 +826,9 @@ def make_demo_data(
     """Render `episodes` episodes into `out_dir` in the official layout and return what was written.
 
     Rewrites `train.jsonl`, `dev.jsonl`, `test.jsonl` (a split without episodes gets no file: fewer than
-    4 episodes have no dev split) and the `images/demo_*.png` files it owns; other files are left alone. A split file that this function did not write (a line
-    whose screenshot is not one of its `images/demo_*.png`) is someone's own data: refused, not replaced.
+    4 episodes have no dev split) and the `images/demo_*.png` files it owns; other files are left alone.
+    A split file that this function did not write (a line whose screenshot is not one of its
+    `images/demo_*.png`) is someone's own data: refused, not replaced.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
