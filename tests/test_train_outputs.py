@@ -88,6 +88,7 @@ def test_merge_refuses_a_used_folder_and_leaves_nothing_half_written(
     def disk_full(base_dir, out_dir):
         raise OSError(28, "No space left on device")
 
+    (tmp_path / ".tmp-merged-99999").mkdir()  # left by a merge that was killed (SIGKILL: no cleanup)
     monkeypatch.setattr(export, "copy_side_files", disk_full)  # fails after the weights were written
     with pytest.raises(OSError, match="No space left"):
         export.merge_lora(tiny_model_dir, adapter, tmp_path / "merged")

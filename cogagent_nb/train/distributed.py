@@ -762,8 +762,9 @@ def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str 
 
     from cogagent_nb.model.configuration import CogAgentConfig
     from cogagent_nb.model.loading import save_official_weights
+    from cogagent_nb.train.export import refuse_used_folder, staged_folder
 
-    checkpoint = Path(checkpoint_dir)
+    checkpoint, out = Path(checkpoint_dir), Path(out_dir)
     if not (checkpoint / "latest").is_file():
         raise FileNotFoundError(f"{checkpoint}: no DeepSpeed checkpoint here (no 'latest' file naming global_stepN)")
     if (checkpoint / "adapter_config.json").is_file():
@@ -771,19 +772,20 @@ def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str 
             f"{checkpoint} is a LoRA/PEFT checkpoint: its adapter is adapter_model.safetensors; "
             "merge it into the base model with `cogagent-nb merge` instead"
         )
+    refuse_used_folder(out)  # before gathering the shards, which takes minutes on the 9B
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (
-        "config.json",
-        "generation_config.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "added_tokens.json",
-        "special_tokens_map.json",
-    ):
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, out / name)
     config = CogAgentConfig.from_pretrained(checkpoint)
-    save_official_weights(state_dict, out, inv_freq=config.rotary_inv_freq())
+    with staged_folder(out) as staging:  # whole or absent, as merge writes its model
+        staging.mkdir()
+        for name in (
+            "config.json",
+            "generation_config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "added_tokens.json",
+            "special_tokens_map.json",
+        ):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, staging / name)
+        save_official_weights(state_dict, staging, inv_freq=config.rotary_inv_freq())
     return out

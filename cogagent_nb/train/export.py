@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -26,8 +28,8 @@ def merge_lora(
     """Load base + adapter, merge, and write `out_dir` (config.json with the official architecture name,
     safetensors weights, the base's tokenizer and generation files). Returns `out_dir`.
 
-    The files are written into a hidden sibling folder that is renamed to `out_dir` at the end, so an
-    interrupted merge (a full disk, Ctrl-C) leaves nothing that looks like a model.
+    The files are written through `staged_folder`, so an interrupted merge (a full disk, Ctrl-C) leaves
+    nothing that looks like a model.
     """
     import json
 
@@ -48,20 +50,39 @@ def merge_lora(
             f"{adapter_config}: peft_type: {peft_type!r} cannot be merged (only LORA adds a weight delta); "
             "load it with cnb.load(base, adapter=...) instead"
         )
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: not empty; choose a new folder for the merged model")
+    refuse_used_folder(out_dir)  # before the minutes of loading, not after
     _, model = load(base_dir, adapter=adapter_dir)
     merged = merge_adapter(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    try:
+    with staged_folder(out_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         write_official_config(merged.config, staging)
         copy_side_files(base_dir, staging)
-        os.replace(staging, out_dir)  # whole or absent: a crash leaves no half model that blocks a retry
+    return out_dir
+
+
+def refuse_used_folder(out_dir: Path) -> None:
+    """A new model goes into a new (or empty) folder: never over another model's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file; give a new folder for the model")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; choose a new folder for the merged model")
+
+
+@contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """Write a model folder whole or not at all: into a hidden sibling that is renamed to `out_dir` at the
+    end, so that a full disk or a kill leaves nothing that looks like a model and nothing that blocks a
+    retry. Staging folders that a killed run left beside `out_dir` are removed first."""
+    refuse_used_folder(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".tmp-{out_dir.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    try:
+        yield staging
+        os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
 
 
 def copy_side_files(base_dir: Path, out_dir: Path) -> list[str]:
