@@ -117,10 +117,9 @@ def _add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 def _refuse_a_used_folder(out_dir: Path, overwrite: bool) -> None:
     """Random weights written over a trained or merged model would destroy it: a used folder needs --overwrite."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir}: is a file; OUT_DIR is the folder to write the model into")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: not empty; choose a new folder, or pass --overwrite to write over it")
+    from cogagent_nb.train.export import refuse_used_folder
+
+    refuse_used_folder(out_dir, overwrite=overwrite, remedy="choose a new folder, or pass --overwrite to write over it")
 
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:

@@ -105,7 +105,7 @@ def test_a_killed_re_save_leaves_a_checkpoint_to_resume_from(tmp_path):
     """A re-save of step N moves checkpoint-N to checkpoint-N.old, then publishes the new copy. Killed
     between the two, only .old is left: the next run gives it its name back. A leftover .old beside a
     published copy is deleted, and does not stop the next re-save of that step."""
-    from cogagent_nb.train.checkpoints import publish, remove_stale_staging
+    from cogagent_nb.train.checkpoints import publish, remove_stale_staging, restore_replaced
 
     def staged(step: int, text: str):
         folder = tmp_path / f"{STAGING_PREFIX}{step}"
@@ -116,7 +116,8 @@ def test_a_killed_re_save_leaves_a_checkpoint_to_resume_from(tmp_path):
     (tmp_path / "checkpoint-4.old").mkdir()  # killed after the first rename
     (tmp_path / "checkpoint-4.old" / COMPLETE_MARKER).write_text("{}")
     staged(4, "never published")
-    remove_stale_staging(tmp_path)
+    remove_stale_staging(tmp_path)  # finetune settles both: the .old before RESUME, the staging after loading
+    restore_replaced(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
     assert resolve_resume("yes", tmp_path) == tmp_path / "checkpoint-4"
 

@@ -242,7 +242,7 @@ def _screenshot(sample: EvalSample) -> Image.Image:
     try:
         return load_image(sample.image_path)
     except OSError as err:  # FileNotFoundError, PIL's UnidentifiedImageError, a truncated file
-        raise ValueError(f"{sample.image_field()}: {sample.image_path} is not a readable image ({err})") from None
+        raise _unreadable(sample, err) from None
 
 
 def check_screenshots(samples: list[EvalSample]) -> None:
@@ -255,7 +255,11 @@ def check_screenshots(samples: list[EvalSample]) -> None:
             with Image.open(sample.image_path):
                 pass
         except OSError as err:
-            raise ValueError(f"{sample.image_field()}: {sample.image_path} is not a readable image ({err})") from None
+            raise _unreadable(sample, err) from None
+
+
+def _unreadable(sample: EvalSample, err: OSError) -> ValueError:
+    return ValueError(f"{sample.image_field()}: {sample.image_path} is not a readable image ({err})")
 
 
 def model_images(samples: list[EvalSample], mode: str) -> list[Image.Image]:

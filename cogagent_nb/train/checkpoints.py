@@ -103,13 +103,12 @@ def staging_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def remove_stale_staging(output_dir: str | Path) -> list[Path]:
-    """Delete staging folders left by a killed run (they were never published), and settle the older
-    copies that a killed re-save left (`restore_replaced`). Rank 0 only."""
+    """Delete staging folders left by a killed run (they were never published). Rank 0 only. (The older
+    copies that a killed re-save left are settled earlier, before RESUME is resolved: `restore_replaced`.)"""
     output_dir = Path(output_dir)
     stale = sorted(output_dir.glob(f"{STAGING_PREFIX}*")) if output_dir.is_dir() else []
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
-    restore_replaced(output_dir)
     return stale
 
 

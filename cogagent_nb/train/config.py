@@ -350,6 +350,8 @@ def check_training_ranges(training_args: dict[str, Any], source: str) -> None:
     model has loaded (batch size 0, a negative learning rate), or divide by zero (accumulation 0). Values
     that transformers reads only in some settings are checked only there (save_steps under
     save_strategy "steps", epochs when max_steps does not count; eval_steps 0 falls back to logging_steps)."""
+    max_steps = training_args.get("max_steps")
+    counts_epochs = max_steps is None or max_steps <= 0  # transformers: a positive max_steps overrides epochs
     for key, value in training_args.items():
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -360,8 +362,6 @@ def check_training_ranges(training_args: dict[str, Any], source: str) -> None:
         strategy = STEPS_OF_STRATEGY.get(key)
         if strategy and training_args.get(strategy, "steps") == "steps" and value <= 0:
             raise ConfigError(f"{source}: training_args.{key}: {value!r} must be above 0 with {strategy} 'steps'")
-        max_steps = training_args.get("max_steps")
-        counts_epochs = max_steps is None or max_steps <= 0  # transformers: a positive max_steps overrides epochs
         if key == "num_train_epochs" and counts_epochs and value <= 0:
             raise ConfigError(
                 f"{source}: training_args.num_train_epochs: {value!r} must be above 0 (max_steps is not set)"

@@ -50,7 +50,7 @@ def merge_lora(
             f"{adapter_config}: peft_type: {peft_type!r} cannot be merged (only LORA adds a weight delta); "
             "load it with cnb.load(base, adapter=...) instead"
         )
-    refuse_used_folder(out_dir)  # before the minutes of loading, not after
+    refuse_used_folder(out_dir, remedy="choose a new folder for the merged model")  # before the minutes of loading
     _, model = load(base_dir, adapter=adapter_dir)
     merged = merge_adapter(model)
     with staged_folder(out_dir) as staging:
@@ -60,12 +60,13 @@ def merge_lora(
     return out_dir
 
 
-def refuse_used_folder(out_dir: Path) -> None:
-    """A new model goes into a new (or empty) folder: never over another model's files."""
+def refuse_used_folder(out_dir: Path, *, overwrite: bool = False, remedy: str = "choose a new folder") -> None:
+    """A new model goes into a new (or empty) folder: never over another model's files, unless `overwrite`
+    (the `make-*` commands' flag). A file where the folder should be is refused either way."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir}: is a file; give a new folder for the model")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: not empty; choose a new folder for the merged model")
+        raise NotADirectoryError(f"{out_dir}: is a file; give a folder for the model")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: not empty; {remedy}")
 
 
 @contextmanager
